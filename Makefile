@@ -1,0 +1,21 @@
+# The two set-up commands and the test command that README.md shows (and .ci/run calls).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install test test-fast lint
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: on a machine without a local CPU wheel this is the CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test,deepspeed]"
+
+test:
+	$(BIN)/python -m pytest
+
+test-fast:
+	$(BIN)/python -m pytest -m "not slow"
+
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

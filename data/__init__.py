@@ -1,0 +1,23 @@
+"""The chat-template data module: OpenAssistant-style data → exact Llama 3.1 tokens + assistant masks.
+
+Usable on its own (imports neither ``train`` nor ``launch``)::
+
+    from data import load_tokenizer, encode_chat
+    tokenizer = load_tokenizer()
+    encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenizer)
+"""
+
+from data.chat import encode_chat, validate_messages
+from data.prepare import encode_conversations
+from data.readers import Conversations, DataError, load_conversations
+from data.tokenizer import load_tokenizer
+
+__all__ = [
+    "Conversations",
+    "DataError",
+    "encode_chat",
+    "encode_conversations",
+    "load_conversations",
+    "load_tokenizer",
+    "validate_messages",
+]

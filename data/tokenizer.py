@@ -1,0 +1,158 @@
+"""The Llama 3.1 Instruct tokenizer as a transformers fast tokenizer.
+
+With no path it is built from Meta's ``tokenizer.model`` that ships inside the
+``llama-models`` package (no hub, no network), with the 256 special tokens at
+their Llama 3.1 ids and the official Instruct chat template attached; the
+converted tokenizer is cached on disk. With a path it loads a local tokenizer
+directory, such as a real checkpoint's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+CHAT_TEMPLATE_FILE = Path(__file__).with_name("llama31_instruct_chat_template.jinja")
+
+# Bumped whenever the conversion below changes, so stale caches are not reused.
+_CONVERSION_VERSION = "1"
+
+BOS = "<|begin_of_text|>"
+EOT = "<|eot_id|>"
+PAD = "<|finetune_right_pad_id|>"
+
+
+def llama31_special_tokens() -> list[str]:
+    """The 256 special tokens of Llama 3.1, in id order from 128000.
+
+    Source: Meta's llama3.1 ``tokenizer_config.json`` / ``llama_models.llama3_1``. The
+    newer ``llama_models.llama3.tokenizer`` names 128005 ``<|step_id|>`` and 128011
+    ``<|image|>`` (Llama 3.2 names); Llama 3.1 calls them reserved tokens 2 and 3.
+    """
+    named = [
+        "<|begin_of_text|>",  # 128000
+        "<|end_of_text|>",  # 128001
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",  # 128004
+        "<|reserved_special_token_2|>",
+        "<|start_header_id|>",  # 128006
+        "<|end_header_id|>",  # 128007
+        "<|eom_id|>",  # 128008
+        "<|eot_id|>",  # 128009
+        "<|python_tag|>",  # 128010
+    ]
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + 256 - len(named))]
+    return named + reserved
+
+
+def meta_tokenizer_model() -> Path:
+    """Path of Meta's tiktoken ``tokenizer.model`` inside the installed llama-models package."""
+    import llama_models.llama3.tokenizer as meta_tokenizer
+
+    return Path(meta_tokenizer.__file__).with_name("tokenizer.model")
+
+
+def meta_split_pattern() -> str:
+    """The pre-tokenization regex of Meta's reference tokenizer."""
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    return Tokenizer.pat_str
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llama31-finetune" / "tokenizer"
+
+
+def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
+    """Return the Llama 3.1 Instruct fast tokenizer.
+
+    ``path``: a local tokenizer directory (``tokenizer.json`` + config, as in a real
+    checkpoint). Without one the tokenizer is converted from llama-models' file and cached
+    under ``cache_dir`` (default ``$XDG_CACHE_HOME/llama31-finetune/tokenizer``).
+    The returned tokenizer pads with ``<|finetune_right_pad_id|>``, never with EOS, so a
+    collator cannot mask the ``<|eot_id|>`` the model must learn.
+    """
+    if path is not None:
+        return _load_local(Path(path))
+    model_file = meta_tokenizer_model()
+    template = CHAT_TEMPLATE_FILE.read_text()
+    key = hashlib.sha256(
+        model_file.read_bytes() + template.encode() + _CONVERSION_VERSION.encode()
+    ).hexdigest()[:16]
+    cached = Path(cache_dir or default_cache_dir()) / key
+    if (cached / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(cached)
+    tokenizer = _convert(model_file, template)
+    _save_atomically(tokenizer, cached)
+    return tokenizer
+
+
+def _load_local(path: Path) -> PreTrainedTokenizerBase:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer path {path} is not a directory; point model.tokenizer_path (or model.path) "
+            "at a local checkpoint directory holding tokenizer.json, or leave it empty for the "
+            "Llama 3.1 tokenizer shipped with llama-models"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.is_fast:
+        raise ValueError(
+            f"{path}: expected a fast tokenizer (tokenizer.json), got {type(tokenizer).__name__}"
+        )
+    if not tokenizer.chat_template:
+        # Base checkpoints ship no template; we train the Instruct format.
+        tokenizer.chat_template = CHAT_TEMPLATE_FILE.read_text()
+    if tokenizer.pad_token is None and PAD in tokenizer.get_vocab():
+        tokenizer.pad_token = PAD
+    return tokenizer
+
+
+def _convert(model_file: Path, template: str) -> PreTrainedTokenizerFast:
+    from tokenizers import AddedToken, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=str(model_file), pattern=meta_split_pattern()).converted()
+    base_vocab = backend.get_vocab_size()
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in llama31_special_tokens()]
+    )
+    bos_id = base_vocab  # 128000: the first special token
+    # As in Meta's checkpoints' tokenizer.json: BOS is prepended when add_special_tokens=True.
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOT,
+        pad_token=PAD,
+        chat_template=template,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,  # Meta decodes bytes as they are
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def _save_atomically(tokenizer: PreTrainedTokenizerFast, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process cached it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

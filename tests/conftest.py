@@ -1,0 +1,42 @@
+"""Shared fixtures: the real Llama 3.1 tokenizer and Meta's reference tokenizer, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "samples" / "oasst_sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from data import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer():
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    from data.tokenizer import meta_tokenizer_model
+
+    return Tokenizer(meta_tokenizer_model())
+
+
+def run_train(*overrides: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m train <overrides>`` as a user runs it, from ``cwd``."""
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "train", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,88 @@
+"""Config composition: the schema catches typos and wrong types, validate() catches what spans fields."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO, run_train
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from train.config import Config, ConfigError, load_config, register_configs
+
+register_configs()
+CONF = REPO / "conf"
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    OmegaConf.update(cfg, "output_dir", "/tmp/unused", force_add=True)  # hydra:runtime needs a live run
+    return cfg
+
+
+def test_default_composes_to_tiny_lora_sample_local():
+    config = load_config(composed())
+    assert isinstance(config, Config)
+    assert (config.model.name, config.method.name, config.data.name, config.launch.name) == (
+        "tiny",
+        "lora",
+        "sample",
+        "local",
+    )
+    assert config.model.vocab_size == 128_256 and config.model.num_key_value_heads < config.model.num_attention_heads
+    assert config.model.rope_scaling.rope_type == "llama3" and config.model.rope_theta == 500_000.0
+    assert config.method.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert config.data.path.endswith("data/samples/oasst_sample.jsonl")
+
+
+@pytest.mark.parametrize("group_option", [p.stem for p in (CONF / "model").glob("*.yaml")])
+def test_every_model_size_composes(group_option):
+    config = load_config(composed(f"model={group_option}"))
+    assert config.model.name == group_option
+
+
+@pytest.mark.parametrize("experiment", [p.stem for p in (CONF / "experiment").glob("*.yaml")])
+def test_every_experiment_composes(experiment):
+    load_config(composed(f"+experiment={experiment}"))
+
+
+def test_cross_field_problems_are_reported_together():
+    cfg = composed("method.name=dora", "training.max_length=200000", "model.dtype=fp8")
+    with pytest.raises(ConfigError) as error:
+        load_config(cfg)
+    message = str(error.value)
+    assert "method.name: 'dora'" in message
+    assert "training.max_length: 200000 exceeds the model's context (131072)" in message
+    assert "model.dtype: 'fp8'" in message
+
+
+def test_lora_without_rank_is_refused():
+    with pytest.raises(ConfigError, match=r"method.r: required for lora"):
+        load_config(composed("method.r=null"))
+
+
+# The command line, as a user meets it: non-zero exit and a message naming the key, before any work.
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("training.max_stepz=3", "training.max_stepz"),
+        ("model.hidden_size=wide", "model.hidden_size"),
+        ("method=dora", "method/dora"),
+        ("+training.foo=1", "training.foo"),
+    ],
+)
+def test_bad_command_line_fails_naming_the_key(tmp_path, override, expected):
+    result = run_train(override, cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("metrics.jsonl"))
+
+
+def test_bad_value_in_a_group_file_fails_naming_the_key(tmp_path):
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "mine.yaml").write_text(
+        (CONF / "model" / "tiny.yaml").read_text() + "hiden_size: 32\n"
+    )
+    result = run_train(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=mine", cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "hiden_size" in result.stderr

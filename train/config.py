@@ -1,0 +1,180 @@
+"""The structured config schema: Hydra composes ``conf/`` into these dataclasses.
+
+Types and unknown keys are checked by Hydra/OmegaConf at composition; ``validate``
+checks what spans fields and reports every problem at once, each with its key and fix.
+Numbers live in ``conf/``; fields without a sensible universal value are ``MISSING``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+METHODS = ("full", "lora", "qlora")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class RopeScaling:
+    """Llama 3.1's ``llama3`` rope scaling (Meta's ``use_scaled_rope``)."""
+
+    rope_type: str = "llama3"
+    factor: float = MISSING
+    low_freq_factor: float = MISSING
+    high_freq_factor: float = MISSING
+    original_max_position_embeddings: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: str | None = None  # local checkpoint directory; None builds random weights from the architecture
+    tokenizer_path: str | None = None  # None: model.path if set, else the llama-models tokenizer
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on CPU (no fast bf16 there)
+    attn_implementation: str = "sdpa"
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    max_position_embeddings: int = MISSING
+    rms_norm_eps: float = MISSING
+    rope_theta: float = MISSING
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    initializer_range: float = MISSING  # std of random initial weights; used only without model.path
+
+
+@dataclass
+class MethodConfig:
+    """full, lora or qlora; LoRA fields use peft's ``LoraConfig`` names."""
+
+    name: str = MISSING
+    r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    target_modules: Any = None  # a list of module names, or "all-linear"
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    path: str = MISSING
+    format: str = MISSING
+    strict: bool = False  # true: the first bad record stops the run; false: skip and count it
+    overflow: str = "truncate"  # conversations over training.max_length: truncate or drop
+
+
+@dataclass
+class LaunchConfig:
+    name: str = MISSING
+    num_processes: int = 1
+    num_machines: int = 1
+    accelerate_config: str | None = None  # a file under launch/, for `accelerate launch --config_file`
+
+
+@dataclass
+class TrainingConfig:
+    """Settings passed to TRL's ``SFTConfig`` under the same names."""
+
+    seed: int = MISSING
+    max_steps: int = MISSING
+    num_train_epochs: float = MISSING
+    per_device_train_batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
+    learning_rate: float = MISSING
+    lr_scheduler_type: str = MISSING
+    warmup_steps: float = MISSING
+    weight_decay: float = MISSING
+    max_grad_norm: float = MISSING
+    optim: str = MISSING
+    max_length: int = MISSING
+    packing: bool = False
+    logging_steps: int = MISSING
+    save_steps: int = MISSING
+    save_total_limit: int | None = None
+    report_to: list[str] = field(default_factory=list)
+    dataloader_num_workers: int = 0
+    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in this run's directory
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline needs no account and no network; `wandb sync` uploads later
+    project: str = MISSING
+    entity: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    output_dir: str = MISSING
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; lists every problem with its key and the fix."""
+
+
+def sample_path(name: str) -> str:
+    """``${sample:file}`` in configs: a data file shipped in ``data/samples/`` (``data`` not imported)."""
+    package = importlib.util.find_spec("data")
+    return str(Path(package.origin).parent / "samples" / name)
+
+
+def register_configs() -> None:
+    """Make the schema the base of ``conf/config.yaml`` (its defaults list names ``schema``)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+    OmegaConf.register_new_resolver("sample", sample_path, replace=True)
+
+
+def validate(config: Config) -> list[str]:
+    """Problems that span fields, each as 'key: what is wrong; the fix'. Empty when the config can run."""
+    problems = []
+    method, training, model = config.method, config.training, config.model
+    if method.name not in METHODS:
+        problems.append(f"method.name: {method.name!r} is not one of {', '.join(METHODS)}")
+    if method.name in ("lora", "qlora"):
+        for key in ("r", "lora_alpha", "lora_dropout", "target_modules"):
+            if getattr(method, key) is None:
+                problems.append(
+                    f"method.{key}: required for {method.name}; set it in conf/method/{method.name}.yaml"
+                )
+    if method.load_in_4bit != (method.name == "qlora"):
+        problems.append("method.load_in_4bit: 4-bit loading is what makes QLoRA; use method=qlora for it")
+    if model.dtype not in DTYPES:
+        problems.append(f"model.dtype: {model.dtype!r} is not one of {', '.join(DTYPES)}")
+    if training.max_length > model.max_position_embeddings:
+        problems.append(
+            f"training.max_length: {training.max_length} exceeds the model's context "
+            f"({model.max_position_embeddings}); lower it"
+        )
+    if training.max_steps <= 0 and training.num_train_epochs <= 0:
+        problems.append("training.max_steps: set max_steps > 0 or num_train_epochs > 0")
+    if config.data.overflow not in ("truncate", "drop"):
+        problems.append(f"data.overflow: {config.data.overflow!r}; use truncate or drop")
+    return problems
+
+
+def load_config(cfg: DictConfig) -> Config:
+    """Turn Hydra's composed config into the typed ``Config``, or raise ConfigError with every problem."""
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except Exception as error:  # a MISSING value surfaces only here
+        raise ConfigError(str(error)) from None
+    problems = validate(config)
+    if problems:
+        raise ConfigError("the config cannot run:\n  " + "\n  ".join(problems))
+    return config

@@ -1,0 +1,69 @@
+"""What a run leaves behind: resolved config, metrics.jsonl, loss.png, the final adapter or weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss.png"
+CONFIG_FILE = "config.yaml"
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """Write the fully resolved config, so the run can be reproduced from its directory alone."""
+    path = run_dir / CONFIG_FILE
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+class MetricsJsonl(TrainerCallback):
+    """Appends every trainer log (loss, lr, grad norm, ...) as one JSON line, on the main process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as file:
+                file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> Path:
+    """Draw training loss (and learning rate) against step from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in read_metrics(metrics_path) if "loss" in row]
+    figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
+    loss_axis.plot(
+        [r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=3, label="loss"
+    )
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("training loss")
+    loss_axis.grid(alpha=0.3)
+    if rows and "learning_rate" in rows[0]:
+        lr_axis = loss_axis.twinx()
+        lr_axis.plot(
+            [r["step"] for r in rows], [r["learning_rate"] for r in rows], color="tab:gray", alpha=0.5
+        )
+        lr_axis.set_ylabel("learning rate", color="tab:gray")
+    loss_axis.set_title(f"{metrics_path.parent.name}: training loss")
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)
+    return png_path
+
+
+def final_dir(run_dir: Path, method: str) -> Path:
+    """Where the finished model goes: ``adapter/`` for LoRA/QLoRA, ``model/`` for full fine-tuning."""
+    return run_dir / ("model" if method == "full" else "adapter")

@@ -1,0 +1,62 @@
+"""The TRL trainer for a run: SFTConfig from ``training.*`` (same names) plus what the device decides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from train.config import Config
+from train.model import build_peft_config
+from train.outputs import METRICS_FILE, MetricsJsonl
+
+
+def sft_config(config: Config, run_dir: Path, dtype: torch.dtype) -> SFTConfig:
+    """``training.*`` mapped onto ``SFTConfig`` by name; precision and device follow ``dtype``."""
+    training = dataclasses.asdict(config.training)
+    training.pop("resume_from_checkpoint")  # an argument of train(), not of the config
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        run_name=run_dir.name,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # CPU runs: accelerate must not pick a GPU backend, and DDP over gloo needs it (see launch/).
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=config.method.gradient_checkpointing,
+        **training,
+    )
+
+
+def configure_wandb(config: Config, run_dir: Path) -> None:
+    """wandb reads its settings from the environment; offline needs no account and no network."""
+    os.environ["WANDB_MODE"] = config.wandb.mode
+    os.environ["WANDB_PROJECT"] = config.wandb.project
+    os.environ["WANDB_DIR"] = str(run_dir)
+    if config.wandb.entity:
+        os.environ["WANDB_ENTITY"] = config.wandb.entity
+
+
+def build_trainer(config: Config, model, tokenizer, dataset: Dataset, run_dir: Path, dtype) -> SFTTrainer:
+    """TRL's SFTTrainer on the encoded dataset; it folds ``assistant_masks`` into the labels itself."""
+    if "wandb" in config.training.report_to:
+        configure_wandb(config, run_dir)
+    return SFTTrainer(
+        model=model,
+        args=sft_config(config, run_dir, dtype),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=build_peft_config(config.method),
+        callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
+    )
+
+
+def resume_checkpoint(config: Config, run_dir: Path) -> str | bool | None:
+    """``training.resume_from_checkpoint``: a directory, or ``latest`` for this run's newest checkpoint."""
+    resume = config.training.resume_from_checkpoint
+    if resume == "latest":
+        return True if any((run_dir / "checkpoints").glob("checkpoint-*")) else None
+    return resume
