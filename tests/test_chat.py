@@ -68,7 +68,10 @@ def test_control_tokens_inside_content_stay_text(tokenizer):
     [
         ([], "empty conversation"),
         ([{"role": "robot", "content": "x"}], "message 0: unknown role 'robot'"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "message 1: a system message"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+            "message 1: a system message",
+        ),
         ([{"role": "user", "content": None}], "message 0: content must be a string"),
     ],
 )

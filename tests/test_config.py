@@ -29,7 +29,10 @@ def test_default_composes_to_tiny_lora_sample_local():
         "sample",
         "local",
     )
-    assert config.model.vocab_size == 128_256 and config.model.num_key_value_heads < config.model.num_attention_heads
+    assert (
+        config.model.vocab_size == 128_256
+        and config.model.num_key_value_heads < config.model.num_attention_heads
+    )
     assert config.model.rope_scaling.rope_type == "llama3" and config.model.rope_theta == 500_000.0
     assert config.method.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert config.data.path.endswith("data/samples/oasst_sample.jsonl")
@@ -83,6 +86,8 @@ def test_bad_value_in_a_group_file_fails_naming_the_key(tmp_path):
     (tmp_path / "conf" / "model" / "mine.yaml").write_text(
         (CONF / "model" / "tiny.yaml").read_text() + "hiden_size: 32\n"
     )
-    result = run_train(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=mine", cwd=tmp_path, timeout=120)
+    result = run_train(
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=mine", cwd=tmp_path, timeout=120
+    )
     assert result.returncode != 0
     assert "hiden_size" in result.stderr

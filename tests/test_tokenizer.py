@@ -46,7 +46,11 @@ def test_vocabulary_and_special_token_ids(tokenizer):
     specials = llama31_special_tokens()
     assert len(specials) == 256 == len(set(specials))
     assert tokenizer.convert_tokens_to_ids(specials) == list(range(128000, 128256))
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (128000, 128009, 128004)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        128000,
+        128009,
+        128004,
+    )
 
 
 def test_chat_template_is_the_official_one(tokenizer):
@@ -68,7 +72,9 @@ def test_same_ids_as_meta_on_random_text(tokenizer, meta_tokenizer):
     rng = random.Random(1234)
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80)))
-        assert tokenizer.encode(text, add_special_tokens=False) == meta_tokenizer.encode(text, bos=False, eos=False)
+        assert tokenizer.encode(text, add_special_tokens=False) == meta_tokenizer.encode(
+            text, bos=False, eos=False
+        )
 
 
 def test_special_token_text_can_be_encoded_as_text(tokenizer, meta_tokenizer):
@@ -85,7 +91,9 @@ def test_conversion_is_cached(tmp_path, monkeypatch):
     # The second start must read the cache: make conversion impossible and load again.
     import data.tokenizer as module
 
-    monkeypatch.setattr(module, "_convert", lambda *a: pytest.fail("converted again instead of using the cache"))
+    monkeypatch.setattr(
+        module, "_convert", lambda *a: pytest.fail("converted again instead of using the cache")
+    )
     second = load_tokenizer(cache_dir=tmp_path)
     assert second.encode(MULTILINGUAL[1]) == first.encode(MULTILINGUAL[1])
     assert second.chat_template == first.chat_template

@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     try:
         config = load_config(cfg)
     except ConfigError as error:
-        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     run_dir = Path(config.output_dir)
 

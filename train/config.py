@@ -7,7 +7,9 @@ Numbers live in ``conf/``; fields without a sensible universal value are ``MISSI
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,7 @@ class TrainingConfig:
     report_to: list[str] = field(default_factory=list)
     dataloader_num_workers: int = 0
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in this run's directory
+    cpu_fused_lm_head: bool = False  # CPU only: TRL's chunked LM-head kernel instead of the model's own loss
 
 
 @dataclass
@@ -168,8 +171,33 @@ def validate(config: Config) -> list[str]:
     return problems
 
 
+def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    """Keys in ``node`` that ``schema`` lacks, with their full names.
+
+    Hydra lets ``+key=value`` append past struct mode, so the schema is checked once more here.
+    """
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = []
+    for key in node:
+        if key not in fields:
+            unknown.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(field_type := _resolved_type(schema, key)):
+            unknown += unknown_keys(node[key], field_type, f"{prefix}{key}.")
+    return unknown
+
+
+def _resolved_type(schema: type, key: str) -> type:
+    return typing.get_type_hints(schema)[key]
+
+
 def load_config(cfg: DictConfig) -> Config:
     """Turn Hydra's composed config into the typed ``Config``, or raise ConfigError with every problem."""
+    unknown = unknown_keys(cfg, Config)
+    if unknown:
+        raise ConfigError(
+            "unknown config keys (a typo, or `+key=` adding what the schema in train/config.py lacks): "
+            + ", ".join(unknown)
+        )
     try:
         config: Config = OmegaConf.to_object(cfg)
     except Exception as error:  # a MISSING value surfaces only here

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from train.config import Config
@@ -18,7 +19,8 @@ from train.outputs import METRICS_FILE, MetricsJsonl
 def sft_config(config: Config, run_dir: Path, dtype: torch.dtype) -> SFTConfig:
     """``training.*`` mapped onto ``SFTConfig`` by name; precision and device follow ``dtype``."""
     training = dataclasses.asdict(config.training)
-    training.pop("resume_from_checkpoint")  # an argument of train(), not of the config
+    for not_sft_config in ("resume_from_checkpoint", "cpu_fused_lm_head"):
+        training.pop(not_sft_config)
     return SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         run_name=run_dir.name,
@@ -40,17 +42,38 @@ def configure_wandb(config: Config, run_dir: Path) -> None:
         os.environ["WANDB_ENTITY"] = config.wandb.entity
 
 
+class LlamaSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer, with the model's own cross-entropy on CPU.
+
+    TRL scores the LM head with a chunked kernel that is a fused Triton kernel on GPU but a
+    plain-torch fallback on CPU, about 3× slower there than the model's own loss with the
+    128,256-token vocabulary (docs/benchmarks.md). On CPU the loss is therefore the
+    model's own (same value, same ``num_items_in_batch`` normalisation, from transformers'
+    ``Trainer``); the fused kernel's extra metrics (entropy, token accuracy) are GPU-only.
+    """
+
+    def __init__(self, *args, cpu_fused_lm_head: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_loss = self.args.use_cpu and not cpu_fused_lm_head
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model_loss:
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 def build_trainer(config: Config, model, tokenizer, dataset: Dataset, run_dir: Path, dtype) -> SFTTrainer:
     """TRL's SFTTrainer on the encoded dataset; it folds ``assistant_masks`` into the labels itself."""
     if "wandb" in config.training.report_to:
         configure_wandb(config, run_dir)
-    return SFTTrainer(
+    return LlamaSFTTrainer(
         model=model,
         args=sft_config(config, run_dir, dtype),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=build_peft_config(config.method),
         callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
+        cpu_fused_lm_head=config.training.cpu_fused_lm_head,
     )
 
 

@@ -1,0 +1,55 @@
+"""The trainer a run builds: labels from assistant masks, CPU precision, what trains."""
+
+from __future__ import annotations
+
+import torch
+from test_config import composed
+
+from data import encode_conversations, load_conversations
+from train.config import load_config
+from train.model import build_model, compute_dtype
+from train.trainer import build_trainer
+
+
+def tiny_trainer(tmp_path, tokenizer, *overrides: str):
+    cfg = composed("training.report_to=[]", "training.max_length=256", *overrides)
+    cfg.output_dir = str(tmp_path)
+    config = load_config(cfg)
+    conversations = load_conversations(config.data.path, config.data.format).conversations[:8]
+    dataset, _ = encode_conversations(conversations, tokenizer, max_length=config.training.max_length)
+    dtype = compute_dtype(config.model.dtype)
+    model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed)
+    return build_trainer(config, model, tokenizer, dataset, tmp_path, dtype), dataset
+
+
+def test_sft_trainer_turns_assistant_masks_into_labels(tmp_path, tokenizer):
+    trainer, dataset = tiny_trainer(tmp_path, tokenizer)
+    prepared = trainer.train_dataset
+    assert len(prepared) == len(dataset)
+    for row, original in zip(prepared, dataset, strict=True):
+        assert row["input_ids"] == original["input_ids"]
+        expected = [
+            t if m else -100 for t, m in zip(original["input_ids"], original["assistant_masks"], strict=True)
+        ]
+        assert row["labels"] == expected
+
+
+def test_cpu_run_computes_in_fp32(tmp_path, tokenizer):
+    trainer, _ = tiny_trainer(tmp_path, tokenizer)
+    if torch.cuda.is_available():
+        assert trainer.args.bf16
+    else:
+        assert not trainer.args.bf16 and not trainer.args.fp16 and trainer.args.use_cpu
+        assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+
+def test_lora_trains_only_the_adapter_on_attention(tmp_path, tokenizer):
+    trainer, _ = tiny_trainer(tmp_path, tokenizer)
+    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert {name.split(".")[-4] for name in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_full_trains_every_parameter(tmp_path, tokenizer):
+    trainer, _ = tiny_trainer(tmp_path, tokenizer, "method=full")
+    assert all(p.requires_grad for p in trainer.model.parameters())
