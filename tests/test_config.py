@@ -59,6 +59,14 @@ def test_cross_field_problems_are_reported_together():
     assert "model.dtype: 'fp8'" in message
 
 
+def test_missing_paths_are_refused_before_any_work(tmp_path):
+    cfg = composed(f"data.path={tmp_path}/chats.jsonl", f"model.path={tmp_path}/Llama-3.1-8B")
+    with pytest.raises(ConfigError) as error:
+        load_config(cfg)
+    assert f"data.path: {tmp_path}/chats.jsonl is not a file" in str(error.value)
+    assert f"model.path: {tmp_path}/Llama-3.1-8B is not a directory" in str(error.value)
+
+
 def test_lora_without_rank_is_refused():
     with pytest.raises(ConfigError, match=r"method.r: required for lora"):
         load_config(composed("method.r=null"))
@@ -72,6 +80,7 @@ def test_lora_without_rank_is_refused():
         ("model.hidden_size=wide", "model.hidden_size"),
         ("method=dora", "method/dora"),
         ("+training.foo=1", "training.foo"),
+        ("data.path=/nowhere/chats.jsonl", "data.path: /nowhere/chats.jsonl is not a file"),
     ],
 )
 def test_bad_command_line_fails_naming_the_key(tmp_path, override, expected):

@@ -166,6 +166,15 @@ def validate(config: Config) -> list[str]:
         )
     if training.max_steps <= 0 and training.num_train_epochs <= 0:
         problems.append("training.max_steps: set max_steps > 0 or num_train_epochs > 0")
+    for key, path in (("model.path", model.path), ("model.tokenizer_path", model.tokenizer_path)):
+        if path is not None and not Path(path).is_dir():
+            problems.append(
+                f"{key}: {path} is not a directory; point it at a local checkpoint (nothing is downloaded)"
+            )
+    if not Path(config.data.path).is_file():
+        problems.append(
+            f"data.path: {config.data.path} is not a file; point it at a local {config.data.format} file"
+        )
     if config.data.overflow not in ("truncate", "drop"):
         problems.append(f"data.overflow: {config.data.overflow!r}; use truncate or drop")
     return problems

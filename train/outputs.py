@@ -57,7 +57,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path:
             [r["step"] for r in rows], [r["learning_rate"] for r in rows], color="tab:gray", alpha=0.5
         )
         lr_axis.set_ylabel("learning rate", color="tab:gray")
-    loss_axis.set_title(f"{metrics_path.parent.name}: training loss")
+    loss_axis.set_title(f"training loss, run {metrics_path.parent.parent.name} {metrics_path.parent.name}")
     figure.tight_layout()
     figure.savefig(png_path)
     plt.close(figure)
