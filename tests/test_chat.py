@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import chat_dialogs
 import pytest
 from conftest import SAMPLE
 
@@ -78,3 +80,129 @@ def test_control_tokens_inside_content_stay_text(tokenizer):
 def test_invalid_dialogs_name_the_message(tokenizer, messages, message):
     with pytest.raises(ValueError, match=message):
         encode_chat(messages, tokenizer)
+
+
+# ── property test: many generated dialogs against the official template ──────────────
+def test_matches_template_on_generated_dialogs(tokenizer):
+    rng = random.Random(31)
+    kinds = {"tools": 0, "builtin_tools": 0, "ipython": 0, "system": 0}
+    for index in range(400):
+        messages, options = chat_dialogs.dialog(rng)
+        ours = encode_chat(messages, tokenizer, **options)
+        assert ours["input_ids"] == template_ids(tokenizer, messages, **options), (index, messages, options)
+        assert len(ours["assistant_masks"]) == len(ours["input_ids"])
+        kinds["tools"] += "tools" in options
+        kinds["builtin_tools"] += "builtin_tools" in options
+        kinds["ipython"] += any(m["role"] in ("ipython", "tool") for m in messages)
+        kinds["system"] += messages[0]["role"] == "system"
+    assert min(kinds.values()) >= 50, kinds  # every feature is exercised many times
+
+
+def learned_text(tokenizer, encoded) -> str:
+    ids = encoded["input_ids"]
+    return tokenizer.decode([i for i, m in zip(ids, encoded["assistant_masks"], strict=True) if m])
+
+
+def test_builtin_tool_call_uses_python_tag_and_eom(tokenizer):
+    messages = [
+        {"role": "user", "content": "Weather in Menlo Park?"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "brave_search", "arguments": {"query": "Menlo Park weather"}},
+                }
+            ],
+        },
+        {"role": "ipython", "content": "sunny, 22 °C"},
+        {"role": "assistant", "content": "It is sunny and 22 °C."},
+    ]
+    encoded = encode_chat(messages, tokenizer, builtin_tools=["brave_search", "wolfram_alpha"])
+    assert encoded["input_ids"] == template_ids(
+        tokenizer, messages, builtin_tools=["brave_search", "wolfram_alpha"]
+    )
+    text = tokenizer.decode(encoded["input_ids"])
+    assert "Environment: ipython\nTools: brave_search, wolfram_alpha\n\nCutting Knowledge Date" in text
+    assert '<|python_tag|>brave_search.call(query="Menlo Park weather")<|eom_id|>' in text
+    # template: string tool output is JSON-quoted
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n"sunny, 22 °C"<|eot_id|>' in text
+    call = '<|python_tag|>brave_search.call(query="Menlo Park weather")<|eom_id|>'
+    assert learned_text(tokenizer, encoded) == call + "It is sunny and 22 °C.<|eot_id|>"
+
+
+def test_custom_tool_definitions_and_json_call(tokenizer):
+    tools = chat_dialogs.CUSTOM_TOOLS[:1]
+    messages = [
+        {"role": "user", "content": "Wetter in München?"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "München"}}}
+            ],
+        },
+        {"role": "tool", "content": {"temperature": 18}},
+        {"role": "assistant", "content": "18 °C in München."},
+    ]
+    for in_user in (True, False):
+        encoded = encode_chat(messages, tokenizer, tools=tools, tools_in_user_message=in_user)
+        assert encoded["input_ids"] == template_ids(
+            tokenizer, messages, tools=tools, tools_in_user_message=in_user
+        )
+        text = tokenizer.decode(encoded["input_ids"])
+        definitions_at = text.index('"name": "get_weather"')
+        user_at = text.index("<|start_header_id|>user")
+        assert (definitions_at > user_at) == in_user
+        assert learned_text(tokenizer, encoded) == (
+            '{"name": "get_weather", "parameters": {"city": "München"}}<|eot_id|>18 °C in München.<|eot_id|>'
+        )
+        assert '<|start_header_id|>ipython<|end_header_id|>\n\n{"temperature": 18}<|eot_id|>' in text
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        (
+            [{"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]}],
+            "only assistant messages",
+        ),
+        ([{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}] * 2}], "exactly one tool call"),
+        ([{"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}], "a tool call is"),
+        ([{"role": "ipython", "content": 5}], "tool output must be a string or JSON"),
+    ],
+)
+def test_invalid_tool_messages_name_the_message(tokenizer, messages, message):
+    with pytest.raises(ValueError, match=message):
+        encode_chat(messages, tokenizer)
+
+
+# ── Meta's reference ChatFormat, on dialogs where both define the same output ──────────
+def test_matches_meta_chat_format(tokenizer, meta_tokenizer):
+    """ChatFormat adds no default system header and does not trim; give it what the template renders."""
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+
+    chat_format = ChatFormat(meta_tokenizer)
+    rng = random.Random(7)
+    dialogs = sample_dialogs()[:40] + [chat_dialogs.dialog(rng)[0] for _ in range(200)]
+    compared = 0
+    for messages in dialogs:
+        if any(m["role"] not in ("system", "user", "assistant") or "tool_calls" in m for m in messages):
+            continue
+        system = messages[0]["content"].strip() if messages[0]["role"] == "system" else ""
+        rest = messages[1:] if messages[0]["role"] == "system" else messages
+        raw = [
+            RawMessage(
+                role="system",
+                content=f"Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}",
+            )
+        ]
+        raw += [RawMessage(role=m["role"], content=m["content"].strip()) for m in rest]
+        # encode_dialog_prompt ends with the header that prompts the next assistant turn
+        prompt_for_reply = chat_format._encode_header("assistant")
+        assert (
+            encode_chat(messages, tokenizer)["input_ids"] + prompt_for_reply
+            == chat_format.encode_dialog_prompt(raw).tokens
+        )
+        compared += 1
+    assert compared >= 80
