@@ -1,21 +1,45 @@
-"""Readers: local chat files → conversations (lists of message dicts).
+"""Readers: local chat files → conversations (lists of ``{role, content}`` message dicts).
 
-Every record that is skipped is counted by reason, and the first few are named by
-file:line, so nothing disappears silently; ``strict=True`` raises on the first one.
-The OpenAssistant tree, ChatML and guanaco readers come with the data-module issue.
+Formats (``format=``):
+
+- ``messages``: a ``messages`` list of ``{role, content}`` (TRL's conversational shape), or
+  ShareGPT's ``conversations`` list of ``{from, value}``.
+- ``oasst_messages`` / ``oasst_trees``: the OpenAssistant oasst1/oasst2 exports, flat
+  (``*.messages.jsonl.gz``) or nested (``*.trees.jsonl.gz``), made into threads by ``data.oasst``.
+- ``oasst_top1``: ChatML text in ``text``, as in OpenAssistant/oasst_top1_2023-08-25.
+- ``guanaco``: ``### Human: …### Assistant: …`` text in ``text``, as in timdettmers/openassistant-guanaco.
+
+Files: JSON lines, a JSON list of records (the file starts with ``[``), either gzipped (``.gz``),
+or ``.parquet``. Every conversation returned passes ``validate_messages`` and ends on an
+assistant turn: turns after the last assistant turn are cut, as nothing would learn from them.
+
+Whatever is left out is counted by reason, and the first of each reason is named by file:line
+(or ``file record N`` / ``file row N``, counted from 0), so nothing disappears silently;
+``strict=True`` raises on the first bad record instead. Left out by design, and so counted
+but never an error: deleted and failed-review OpenAssistant messages, trees outside ``lang``,
+and trees with no assistant reply.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data import oasst
 from data.chat import validate_messages
 
-FORMATS = ("messages",)
+FORMATS = ("messages", "oasst_messages", "oasst_trees", "oasst_top1", "guanaco")
+TREE_FORMATS = ("oasst_messages", "oasst_trees")
+_STRICT_FIX = "fix the record, or set data.strict=false to skip and count such records"
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -23,7 +47,10 @@ _SHAREGPT_ROLES = {
     "assistant": "assistant",
     "system": "system",
 }
-_EXAMPLES_KEPT = 5
+_CHATML_TURN = re.compile(r"<\|im_start\|>([^\n]*)\n(.*?)<\|im_end\|>", re.DOTALL)
+_CHATML_ROLES = ("system", "user", "assistant")
+_GUANACO_MARKER = re.compile(r"### (Human|Assistant):")
+_GUANACO_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 class DataError(ValueError):
@@ -34,9 +61,12 @@ class DataError(ValueError):
         self.reason, self.detail = reason, detail or reason
 
 
+Report = Callable[[str, DataError], None]
+
+
 @dataclass
 class Conversations:
-    """What a reader produced: the conversations, and what it dropped and why."""
+    """What a reader produced: the conversations, what it left out by reason, and the first of each."""
 
     source: str
     conversations: list[list[dict]] = field(default_factory=list)
@@ -45,7 +75,7 @@ class Conversations:
 
     def drop(self, where: str, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
-        if len(self.examples) < _EXAMPLES_KEPT:
+        if self.dropped[reason] == 1:
             self.examples.append(f"{where}: {detail}")
 
     def summary(self) -> str:
@@ -57,46 +87,165 @@ class Conversations:
         return "\n".join(lines)
 
 
-def load_conversations(path: str | Path, format: str = "messages", *, strict: bool = False) -> Conversations:
-    """Read ``path`` (JSONL, optionally .gz) in ``format`` into conversations.
+def load_conversations(
+    path: str | Path,
+    format: str = "messages",
+    *,
+    lang: Sequence[str] | None = None,
+    threads: str = "best",
+    strict: bool = False,
+) -> Conversations:
+    """Read ``path`` in ``format`` into conversations, counting what is left out and why.
 
-    ``messages``: one JSON object per line with a ``messages`` list of ``{role, content}``
-    (TRL's conversational shape), or ShareGPT's ``conversations`` list of ``{from, value}``.
+    ``lang`` (language codes, None for all) and ``threads`` apply to the OpenAssistant tree
+    formats only: a tree's language is its root prompt's ``lang``; ``threads="best"`` gives one
+    thread per tree, ``"all"`` every root-to-leaf path (see ``data.oasst.threads``). Counts are
+    of records, except for trees: a left-out message is counted once, for itself and the
+    replies below it; "language filtered" and "no assistant turn" count trees.
     """
     path = Path(path)
+    languages = _checked_arguments(path, format, lang, threads)
+    result = Conversations(source=str(path))
+
+    def report(where: str, error: DataError) -> None:
+        if strict:
+            raise DataError(error.reason, f"{where}: {error.detail} ({_STRICT_FIX})")
+        result.drop(where, error.reason, error.detail)
+
+    if format in TREE_FORMATS:
+        _add_tree_threads(path, format, result, report, languages, threads)
+    else:
+        _add_records(path, _RECORD_PARSERS[format], result, report)
+    return result
+
+
+def _checked_arguments(path: Path, format: str, lang: Sequence[str] | None, threads: str) -> set[str] | None:
+    """Fail before reading: unknown format or thread policy, tree settings on a flat format, no file."""
     if format not in FORMATS:
         raise DataError(
             "unknown format", f"{path}: unknown data format {format!r}; expected one of {', '.join(FORMATS)}"
         )
+    if threads not in oasst.THREAD_POLICIES:
+        raise DataError("unknown threads", f"data.threads: {threads!r} is not one of best, all")
+    if format not in TREE_FORMATS and (lang is not None or threads != "best"):
+        setting = "data.lang" if lang is not None else "data.threads=all"
+        raise DataError(
+            "not a tree format",
+            f"{setting} applies to OpenAssistant trees ({', '.join(TREE_FORMATS)}), not format {format!r}; "
+            "remove it",
+        )
     if not path.is_file():
         raise DataError("missing file", f"{path}: no such file; set data.path to a local file")
-    result = Conversations(source=str(path))
+    if lang is None:
+        return None
+    languages = {lang} if isinstance(lang, str) else set(lang)
+    if not languages:
+        raise DataError(
+            "empty lang", "data.lang is empty, which keeps nothing; use null to keep every language"
+        )
+    return languages
+
+
+# ── files → records ─────────────────────────────────────────────────────────────────
+def _records(path: Path, report: Report) -> Iterator[tuple[str, Any]]:
+    """Each record of ``path`` with where it is; JSON lines that cannot be decoded are reported.
+
+    A JSON list or parquet file that cannot be decoded at all raises, whatever ``strict`` says.
+    """
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+        return
     opener = gzip.open if path.suffix == ".gz" else open
+    if _is_json_list(path, opener):
+        yield from _json_list(path, opener)
+        return
     with opener(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
             try:
-                messages = _messages_record(raw)
+                record = _json_value(raw.rstrip(b"\r\n"))
             except DataError as error:
-                if strict:
-                    raise DataError(
-                        f"{path}:{number}: {error.detail} (fix the record, or set "
-                        "data.strict=false to skip and count such records)"
-                    ) from None
-                result.drop(f"{path}:{number}", error.reason, error.detail)
+                report(f"{path}:{number}", error)
                 continue
-            result.conversations.append(messages)
-    return result
+            yield f"{path}:{number}", record
 
 
-def _messages_record(raw: bytes) -> list[dict]:
+def _json_value(raw: bytes) -> Any:
     try:
-        record = json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as error:
         raise DataError("not UTF-8", f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise DataError("malformed JSON", f"malformed JSON ({error.msg}, column {error.colno})") from None
+
+
+def _is_json_list(path: Path, opener) -> bool:
+    try:
+        with opener(path, "rb") as file:
+            while chunk := file.read(1 << 12):
+                if start := chunk.lstrip():
+                    return start.startswith(b"[")
+    except gzip.BadGzipFile:
+        raise DataError(
+            "not gzip", f"{path}: not a gzip file; remove the .gz suffix or compress it"
+        ) from None
+    return False
+
+
+def _json_list(path: Path, opener) -> Iterator[tuple[str, Any]]:
+    with opener(path, "rb") as file:
+        raw = file.read()
+    try:
+        records = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        detail = (
+            f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-encode the file as UTF-8"
+        )
+        raise DataError("not UTF-8", detail) from None
+    except json.JSONDecodeError as error:
+        detail = f"{path}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno}); fix the file"
+        raise DataError("malformed JSON", detail) from None
+    for index, record in enumerate(records):
+        yield f"{path} record {index}", record
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        batches = pq.ParquetFile(path).iter_batches()
+    except pa.ArrowException as error:
+        raise DataError("not parquet", f"{path}: not a readable parquet file ({error})") from None
+    index = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            yield f"{path} row {index}", row
+            index += 1
+
+
+# ── one record, one conversation: messages, ChatML, guanaco ──────────────────────────
+def _add_records(path: Path, parse: Callable[[Any], list[dict]], result: Conversations, report: Report):
+    for where, record in _records(path, report):
+        try:
+            messages = _conversation(parse(record))
+        except DataError as error:
+            report(where, error)
+            continue
+        result.conversations.append(messages)
+
+
+def _conversation(messages: list[dict]) -> list[dict]:
+    """``messages`` checked by ``validate_messages`` and cut back to end on its last assistant turn."""
+    try:
+        validate_messages(messages)
+    except ValueError as error:
+        raise DataError("invalid message", str(error)) from None
+    last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError("no assistant turn", "no assistant turn, so nothing to learn")
+    return messages[: last + 1]
+
+
+def _messages_record(record: Any) -> list[dict]:
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         raw_messages, role_key, content_key = record["messages"], "role", "content"
     elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
@@ -110,16 +259,72 @@ def _messages_record(raw: bytes) -> list[dict]:
                 "invalid message", f"message {index}: expected an object, got {type(message).__name__}"
             )
         role = message.get(role_key)
-        messages.append(
-            {
-                "role": _SHAREGPT_ROLES.get(role, role) if role_key == "from" else role,
-                "content": message.get(content_key),
-            }
-        )
-    try:
-        validate_messages(messages)
-    except ValueError as error:
-        raise DataError("invalid message", str(error)) from None
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("no assistant turn", "no assistant turn, so nothing to learn")
+        if role_key == "from" and isinstance(role, str):
+            role = _SHAREGPT_ROLES.get(role, role)
+        messages.append({"role": role, "content": message.get(content_key)})
     return messages
+
+
+def _chatml_record(record: Any) -> list[dict]:
+    """``<|im_start|>{role}\\n{content}<|im_end|>`` turns, newline-separated (the last newline optional)."""
+    text, messages, end = _text_field(record), [], 0
+    for turn in _CHATML_TURN.finditer(text):
+        if text[end : turn.start()].strip():
+            raise DataError("malformed ChatML", f"text outside a turn at character {end}")
+        role, content = turn.group(1).strip(), turn.group(2)
+        if role not in _CHATML_ROLES:
+            raise DataError(
+                "unknown role",
+                f"turn {len(messages)}: unknown role {role!r}; expected system, user or assistant",
+            )
+        if "<|im_start|>" in content:
+            raise DataError(
+                "malformed ChatML", f"turn {len(messages)} has no <|im_end|> before the next turn"
+            )
+        messages.append(_turn(role, content, len(messages)))
+        end = turn.end()
+    if not messages or text[end:].strip():
+        raise DataError(
+            "malformed ChatML", f"no closed <|im_start|>role … <|im_end|> turn at character {end}"
+        )
+    return messages
+
+
+def _guanaco_record(record: Any) -> list[dict]:
+    """``### Human: …### Assistant: …`` turns, any number, whitespace around them ignored."""
+    parts = _GUANACO_MARKER.split(_text_field(record))
+    if len(parts) == 1 or parts[0].strip():
+        raise DataError("malformed guanaco", "the text must start with '### Human:' or '### Assistant:'")
+    speakers, contents = parts[1::2], parts[2::2]
+    return [
+        _turn(_GUANACO_ROLES[s], content, i)
+        for i, (s, content) in enumerate(zip(speakers, contents, strict=True))
+    ]
+
+
+def _text_field(record: Any) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError("no text field", "no 'text' string in the record")
+    return record["text"]
+
+
+def _turn(role: str, content: str, index: int) -> dict:
+    if not content.strip():
+        raise DataError("empty text", f"turn {index} ({role}) has empty text")
+    return {"role": role, "content": content.strip()}
+
+
+_RECORD_PARSERS = {"messages": _messages_record, "oasst_top1": _chatml_record, "guanaco": _guanaco_record}
+
+
+# ── OpenAssistant trees: many records, many threads (data.oasst) ─────────────────────
+def _add_tree_threads(path: Path, format: str, result: Conversations, report: Report, languages, threads):
+    def left_out(where: str, reason: str, detail: str) -> None:
+        if reason in oasst.BY_DESIGN:  # counted, but no error even in strict mode
+            result.drop(where, reason, detail)
+        else:
+            report(where, DataError(reason, detail))
+
+    read_roots = oasst.flat_roots if format == "oasst_messages" else oasst.nested_roots
+    roots = read_roots(_records(path, report), left_out)
+    result.conversations += oasst.conversations(roots, languages, threads, left_out)
