@@ -8,7 +8,7 @@ Usable on its own (imports neither ``train`` nor ``launch``)::
 """
 
 from data.chat import encode_chat, validate_messages
-from data.prepare import encode_conversations
+from data.prepare import PrepareSummary, encode_conversations, prepare_dataset, prepare_from_config
 from data.readers import Conversations, DataError, load_conversations
 from data.tokenizer import load_tokenizer
 
@@ -19,5 +19,8 @@ __all__ = [
     "encode_conversations",
     "load_conversations",
     "load_tokenizer",
+    "prepare_dataset",
+    "prepare_from_config",
+    "PrepareSummary",
     "validate_messages",
 ]

@@ -1,68 +1,281 @@
-"""Conversations → a tokenized, masked dataset that TRL's SFTTrainer consumes as is.
+"""Prepare: a chat source → a tokenized, masked dataset on disk, cached, with a summary.
 
-The dataset has ``input_ids`` and ``assistant_masks``; SFTTrainer folds the masks into
-labels (-100 where 0), so loss falls only on assistant tokens. Caching, packing, the
-multiprocess map and ``python -m data.prepare`` come with the data-module issue.
+The dataset has ``input_ids`` and ``assistant_masks``; TRL's SFTTrainer folds the masks
+into labels (-100 where 0), so loss falls only on assistant tokens. The result is saved
+with datasets' ``save_to_disk`` under a key of the source's bytes, the tokenizer and the
+encoder settings, so a second run (or every rank of a multi-GPU job) loads it at once.
+
+    python -m data.prepare data=oasst1_sample training.max_length=2048
+
+The command composes the same configs as ``python -m train``, so the cache it fills is
+the one training reads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from datasets import Dataset
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, load_from_disk
 
-from data.chat import encode_chat
+from data.chat import encode_chats
+from data.readers import load_conversations
 
 OVERFLOW_POLICIES = ("truncate", "drop")
+# Bumped whenever the readers, encode_chat or the rows written here change, so stale caches are not reused.
+ENCODER_VERSION = "3"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass
-class EncodedStats:
+class PrepareSummary:
+    """What prepare made of a source: counts, drops by reason, and a length histogram."""
+
+    source: str
     conversations: int = 0
     tokens: int = 0
     trainable_tokens: int = 0
     truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    length_histogram: dict[str, int] = field(default_factory=dict)
+    path: str = ""
 
-    def summary(self) -> str:
-        dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
-        return (
-            f"{self.conversations} conversations, {self.tokens} tokens, {self.trainable_tokens} trainable, "
-            f"{self.truncated} truncated, dropped: {dropped}"
-        )
+    def __str__(self) -> str:
+        lines = [
+            f"{self.source}",
+            f"  {self.conversations} conversations, {self.tokens:,} tokens, "
+            f"{self.trainable_tokens:,} trainable ({self.trainable_tokens / max(self.tokens, 1):.0%}), "
+            f"{self.truncated} truncated",
+        ]
+        lines += [f"  dropped {count} × {reason}" for reason, count in self.dropped.items()]
+        lines += [f"    e.g. {example}" for example in self.examples]
+        widest = max(self.length_histogram.values(), default=1)
+        lines.append("  length (tokens, before truncation):")
+        lines += [
+            f"    {bucket:>13} {count:>7} {'█' * round(30 * count / widest)}"
+            for bucket, count in self.length_histogram.items()
+        ]
+        if self.path:
+            lines.append(f"  saved in {self.path}")
+        return "\n".join(lines)
 
 
 def encode_conversations(
-    conversations: list[list[dict]], tokenizer, *, max_length: int, overflow: str = "truncate"
-) -> tuple[Dataset, EncodedStats]:
-    """Encode every conversation; cut or drop those over ``max_length`` tokens.
+    conversations: list[list[dict]],
+    tokenizer,
+    *,
+    max_length: int,
+    overflow: str = "truncate",
+    num_proc: int = 1,
+) -> tuple[Dataset, PrepareSummary]:
+    """Encode conversations into ``input_ids`` + ``assistant_masks``; cut or drop those over ``max_length``.
 
-    A cut that would leave no assistant token to learn drops the conversation (counted)
-    instead of keeping a row that only costs compute.
+    A cut that would leave no assistant token to learn drops the conversation (counted),
+    never keeps a row that only costs compute.
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(
             f"unknown overflow policy {overflow!r}; expected one of {', '.join(OVERFLOW_POLICIES)}"
         )
-    stats = EncodedStats()
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "assistant_masks": []}
-    for messages in conversations:
-        encoded = encode_chat(messages, tokenizer)
-        if len(encoded["input_ids"]) > max_length:
+    texts = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    # Our own fingerprint: datasets would otherwise pickle and hash the whole tokenizer.
+    fingerprint = hashlib.sha256(f"{ENCODER_VERSION} {max_length} {overflow}".encode())
+    for text in texts:
+        fingerprint.update(text.encode())
+    encoded = Dataset.from_dict({"conversation": texts}).with_format("arrow")
+    encoded = encoded.map(
+        _encode_batch,
+        batched=True,
+        num_proc=num_proc if len(texts) >= 2 * num_proc > 2 else None,
+        remove_columns=["conversation"],
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "overflow": overflow},
+        desc="Encoding Llama 3.1 chats",
+        new_fingerprint=fingerprint.hexdigest()[:16],
+    ).with_format(None)
+    columns = encoded.select_columns(["status", "length", "trainable", "full_length"]).to_dict()
+    status, lengths, trainable = columns["status"], columns["length"], columns["trainable"]
+    kept = [index for index, s in enumerate(status) if s in ("ok", "truncated")]
+    summary = PrepareSummary(
+        source="",
+        conversations=len(kept),
+        tokens=sum(lengths[i] for i in kept),
+        trainable_tokens=sum(trainable[i] for i in kept),
+        truncated=status.count("truncated"),
+        dropped=dict(Counter(s for s in status if s not in ("ok", "truncated"))),
+        length_histogram=_histogram(columns["full_length"], max_length),
+    )
+    if len(kept) < len(encoded):
+        encoded = encoded.select(kept)
+    return encoded.remove_columns(["status", "full_length", "length", "trainable"]), summary
+
+
+def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) -> pa.Table:
+    """Encode a batch of JSON conversations; returns Arrow columns built without per-token Python objects."""
+    dialogs = [json.loads(conversation) for conversation in batch.column("conversation").to_pylist()]
+    ids_flat, masks_flat, offsets = [], [], [0]
+    full_length, status = [], []
+    for encoded in encode_chats(dialogs, tokenizer):
+        ids, masks, verdict = encoded["input_ids"], encoded["assistant_masks"], "ok"
+        if len(ids) > max_length:
             if overflow == "drop":
-                stats.dropped[f"longer than max_length={max_length}"] += 1
-                continue
-            encoded = {key: ids[:max_length] for key, ids in encoded.items()}
-            if not any(encoded["assistant_masks"]):
-                stats.dropped[f"no assistant token within max_length={max_length}"] += 1
-                continue
-            stats.truncated += 1
-        stats.conversations += 1
-        stats.tokens += len(encoded["input_ids"])
-        stats.trainable_tokens += sum(encoded["assistant_masks"])
-        for key in rows:
-            rows[key].append(encoded[key])
-    if not rows["input_ids"]:
-        raise ValueError(f"no usable conversation left ({stats.summary()})")
-    return Dataset.from_dict(rows), stats
+                verdict = f"longer than max_length={max_length}"
+            elif not any(masks[:max_length]):
+                verdict = f"no assistant token within max_length={max_length}"
+            else:
+                ids, masks, verdict = ids[:max_length], masks[:max_length], "truncated"
+        full_length.append(len(encoded["input_ids"]))
+        status.append(verdict)
+        ids_flat += ids
+        masks_flat += masks
+        offsets.append(len(ids_flat))
+    offsets = pa.array(offsets, pa.int32())
+    masks = pa.array(masks_flat, pa.int8())
+    lengths = pc.subtract(offsets[1:], offsets[:-1])
+    trainable = [
+        sum(masks_flat[a:b]) for a, b in zip(offsets.to_pylist(), offsets.to_pylist()[1:], strict=False)
+    ]
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids_flat, pa.int32())),
+            "assistant_masks": pa.ListArray.from_arrays(offsets, masks),
+            "full_length": pa.array(full_length, pa.int32()),
+            "length": lengths,
+            "trainable": pa.array(trainable, pa.int32()),
+            "status": pa.array(status, pa.string()),
+        }
+    )
+
+
+def _histogram(lengths: list[int], max_length: int) -> dict[str, int]:
+    """Counts per power-of-two bucket, with everything over max_length in its own bucket."""
+    bounds = [2**k for k in range(5, 32) if 2**k < max_length] + [max_length]
+    counts = Counter()
+    for length in lengths:
+        upper = next((b for b in bounds if length <= b), None)
+        counts[f"≤{upper}" if upper else f">{max_length}"] += 1
+    order = [f"≤{b}" for b in bounds] + [f">{max_length}"]
+    return {bucket: counts[bucket] for bucket in order if counts[bucket]}
+
+
+# ── the cached dataset that training reads ───────────────────────────────────────────
+def prepare_dataset(
+    path: str | os.PathLike,
+    format: str,
+    tokenizer,
+    *,
+    max_length: int,
+    overflow: str = "truncate",
+    lang: list[str] | None = None,
+    threads: str = "best",
+    strict: bool = False,
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[Dataset, PrepareSummary]:
+    """The prepared dataset for a source: loaded from the cache, or read, encoded and saved there."""
+    settings = {
+        "format": format, "lang": lang, "threads": threads, "strict": strict, "max_length": max_length,
+        "overflow": overflow, "encoder": ENCODER_VERSION,
+    }  # fmt: skip
+    key = _cache_key(Path(path), tokenizer, settings)
+    target = Path(cache_dir or default_cache_dir()) / f"{Path(path).name.split('.')[0]}-{key}"
+    if (target / SUMMARY_FILE).exists():
+        summary = PrepareSummary(**json.loads((target / SUMMARY_FILE).read_text()))
+        return load_from_disk(str(target)), summary
+
+    source = load_conversations(path, format, lang=lang, threads=threads, strict=strict)
+    dataset, summary = encode_conversations(
+        source.conversations, tokenizer, max_length=max_length, overflow=overflow, num_proc=num_proc
+    )
+    summary.source = str(path)
+    summary.dropped = {**dict(source.dropped.most_common()), **summary.dropped}
+    summary.examples = source.examples
+    if not summary.conversations:
+        raise ValueError(f"{path}: no usable conversation left\n{summary}")
+    summary.path = str(target)
+    _save_atomically(dataset, summary, target)
+    return dataset, summary
+
+
+def prepare_from_config(data, tokenizer, *, max_length: int) -> tuple[Dataset, PrepareSummary]:
+    """``prepare_dataset`` for a ``data`` config node (path, format, overflow, lang, threads, strict, ...)."""
+    return prepare_dataset(
+        data.path, data.format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
+        threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
+    )  # fmt: skip
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llama31-finetune" / "datasets"
+
+
+def _cache_key(path: Path, tokenizer, settings: dict) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides token ids: the tokenizer.json it was loaded from (cheap),
+    else its serialised backend, plus the chat template."""
+    saved = Path(str(tokenizer.name_or_path)) / "tokenizer.json"
+    content = saved.read_bytes() if saved.is_file() else tokenizer.backend_tokenizer.to_str().encode()
+    return hashlib.sha256(content + (tokenizer.chat_template or "").encode()).hexdigest()
+
+
+def _save_atomically(dataset: Dataset, summary: PrepareSummary, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        dataset.save_to_disk(str(tmp))
+        (tmp / SUMMARY_FILE).write_text(json.dumps(asdict(summary), ensure_ascii=False, indent=1))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process (another rank) saved it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ── python -m data.prepare ─────────────────────────────────────────────────────────────
+def main(argv: list[str]) -> int:
+    """Compose the project's configs with ``argv`` as overrides, prepare, print the summary."""
+    # The CLI composes the same config tree as training (its schema lives in train.config);
+    # the functions above stay free of train, so notebooks can use them alone.
+    from hydra import compose, initialize_config_dir
+
+    from data.tokenizer import load_tokenizer
+    from train.config import ConfigError, load_config, register_configs
+
+    register_configs()
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"
+    ):
+        cfg = compose(config_name="config", overrides=[*argv, "output_dir=unused"])
+    try:
+        config = load_config(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
+    _, summary = prepare_from_config(config.data, tokenizer, max_length=config.training.max_length)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

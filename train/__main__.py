@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     run_dir = Path(config.output_dir)
 
-    from data import encode_conversations, load_conversations, load_tokenizer
+    from data import load_tokenizer, prepare_from_config
     from train.model import build_model, compute_dtype
     from train.outputs import LOSS_PLOT_FILE, METRICS_FILE, final_dir, plot_loss, save_resolved_config
     from train.trainer import build_trainer, resume_checkpoint
@@ -45,13 +45,9 @@ def main(cfg: DictConfig) -> None:
     # ── tokenizer ──────────────────────────────────────────────────────────────
     tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
 
-    # ── data: conversations → Llama 3.1 tokens + assistant masks ───────────────
-    source = load_conversations(config.data.path, config.data.format, strict=config.data.strict)
-    log.info("%s", source.summary())
-    dataset, stats = encode_conversations(
-        source.conversations, tokenizer, max_length=config.training.max_length, overflow=config.data.overflow
-    )
-    log.info("encoded: %s", stats.summary())
+    # ── data: the prepared dataset (Llama 3.1 tokens + assistant masks), cached ──
+    dataset, summary = prepare_from_config(config.data, tokenizer, max_length=config.training.max_length)
+    log.info("data: %s", summary)
 
     # ── model: base weights; the LoRA adapter is applied by the trainer ────────
     model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed)

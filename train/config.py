@@ -72,7 +72,11 @@ class DataConfig:
     path: str = MISSING
     format: str = MISSING
     strict: bool = False  # true: the first bad record stops the run; false: skip and count it
+    lang: list[str] | None = None  # OpenAssistant trees: keep only these language codes
+    threads: str = "best"  # OpenAssistant trees: best (best-ranked reply at each step) or all (every path)
     overflow: str = "truncate"  # conversations over training.max_length: truncate or drop
+    num_proc: int = MISSING  # processes encoding the source (datasets' map)
+    cache_dir: str | None = None  # prepared datasets; None: $XDG_CACHE_HOME/llama31-finetune/datasets
 
 
 @dataclass
@@ -100,6 +104,7 @@ class TrainingConfig:
     optim: str = MISSING
     max_length: int = MISSING
     packing: bool = False
+    packing_strategy: str = MISSING  # bfd: best-fit decreasing; packed sequences never attend to each other
     logging_steps: int = MISSING
     save_steps: int = MISSING
     save_total_limit: int | None = None
@@ -175,6 +180,8 @@ def validate(config: Config) -> list[str]:
         problems.append(
             f"data.path: {config.data.path} is not a file; point it at a local {config.data.format} file"
         )
+    if config.data.threads not in ("best", "all"):
+        problems.append(f"data.threads: {config.data.threads!r}; use best (one per tree) or all (every path)")
     if config.data.overflow not in ("truncate", "drop"):
         problems.append(f"data.overflow: {config.data.overflow!r}; use truncate or drop")
     return problems

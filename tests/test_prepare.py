@@ -1,0 +1,125 @@
+"""Prepare: encoded rows, overflow policies, the on-disk cache, multiprocess map, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, SAMPLE
+
+import data.prepare as prepare_module
+from data import encode_chat, encode_conversations, load_conversations, prepare_dataset
+
+LONG_USER = [
+    {"role": "user", "content": "word " * 400},
+    {"role": "assistant", "content": "Short answer."},
+]
+FITS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! " * 20}]
+
+
+def test_rows_are_the_encoder_output(tokenizer, tmp_path):
+    dataset, summary = prepare_dataset(SAMPLE, "messages", tokenizer, max_length=4096, cache_dir=tmp_path)
+    conversations = load_conversations(SAMPLE, "messages").conversations
+    assert len(dataset) == summary.conversations == len(conversations)
+    for row, conversation in zip(dataset, conversations, strict=True):
+        assert row == encode_chat(conversation, tokenizer)
+    assert summary.tokens == sum(len(r) for r in dataset["input_ids"])
+    assert summary.trainable_tokens == sum(sum(m) for m in dataset["assistant_masks"])
+    assert summary.truncated == 0 and summary.dropped == {}
+    assert sum(summary.length_histogram.values()) == len(conversations)
+
+
+def test_cached_on_disk_and_reused(tokenizer, tmp_path, monkeypatch):
+    first, summary = prepare_dataset(SAMPLE, "messages", tokenizer, max_length=512, cache_dir=tmp_path)
+    saved = list(tmp_path.iterdir())
+    assert (
+        len(saved) == 1
+        and (saved[0] / "summary.json").is_file()
+        and (saved[0] / "dataset_info.json").is_file()
+    )
+    assert summary.path == str(saved[0])
+    monkeypatch.setattr(
+        prepare_module, "load_conversations", lambda *a, **k: pytest.fail("read the source again")
+    )
+    again, cached_summary = prepare_dataset(SAMPLE, "messages", tokenizer, max_length=512, cache_dir=tmp_path)
+    assert again["input_ids"] == first["input_ids"] and cached_summary == summary
+
+
+def test_cache_key_follows_source_content_and_settings(tokenizer, tmp_path):
+    source = tmp_path / "chats.jsonl"
+    source.write_text(json.dumps({"messages": FITS}) + "\n")
+    cache = tmp_path / "cache"
+    prepare_dataset(source, "messages", tokenizer, max_length=512, cache_dir=cache)
+    prepare_dataset(source, "messages", tokenizer, max_length=256, cache_dir=cache)
+    source.write_text(json.dumps({"messages": FITS}) + "\n" + json.dumps({"messages": FITS}) + "\n")
+    dataset, _ = prepare_dataset(source, "messages", tokenizer, max_length=512, cache_dir=cache)
+    assert len(dataset) == 2
+    assert len(list(cache.iterdir())) == 3
+
+
+def test_truncate_keeps_learnable_rows_and_drops_the_rest(tokenizer):
+    dataset, summary = encode_conversations(
+        [FITS, LONG_USER, FITS[:1] + [{"role": "assistant", "content": "x " * 300}]],
+        tokenizer,
+        max_length=128,
+    )
+    assert summary.truncated == 1 and summary.conversations == 2
+    assert summary.dropped == {"no assistant token within max_length=128": 1}
+    assert [len(ids) for ids in dataset["input_ids"]] == [len(encode_chat(FITS, tokenizer)["input_ids"]), 128]
+    assert all(any(mask) for mask in dataset["assistant_masks"])
+    assert summary.length_histogram[">128"] == 2
+
+
+def test_drop_policy_drops_everything_over_max_length(tokenizer):
+    dataset, summary = encode_conversations([FITS, LONG_USER], tokenizer, max_length=128, overflow="drop")
+    assert len(dataset) == 1 and summary.dropped == {"longer than max_length=128": 1}
+
+
+def test_reader_drops_are_in_the_summary(tokenizer, tmp_path):
+    source = tmp_path / "mixed.jsonl"
+    source.write_text(json.dumps({"messages": FITS}) + "\n{broken\n")
+    _, summary = prepare_dataset(source, "messages", tokenizer, max_length=512, cache_dir=tmp_path / "c")
+    assert summary.dropped == {"malformed JSON": 1}
+    assert summary.examples[0].startswith(f"{source}:2:")
+    assert "dropped 1 × malformed JSON" in str(summary)
+
+
+def test_multiprocess_map_gives_the_same_rows(tokenizer):
+    conversations = load_conversations(SAMPLE, "messages").conversations[:40]
+    one, _ = encode_conversations(conversations, tokenizer, max_length=512, num_proc=1)
+    two, _ = encode_conversations(conversations, tokenizer, max_length=512, num_proc=2)
+    assert one["input_ids"] == two["input_ids"] and one["assistant_masks"] == two["assistant_masks"]
+
+
+def test_cli_prepares_and_prints_the_summary(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.prepare",
+            "data=sample",
+            f"data.cache_dir={tmp_path}",
+            "training.max_length=256",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "conversations" in result.stdout and "trainable" in result.stdout and "truncated" in result.stdout
+    assert "length (tokens, before truncation)" in result.stdout and ">256" in result.stdout
+    assert f"saved in {tmp_path}" in result.stdout
+
+
+def test_cli_rejects_a_bad_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "data.prepare", "data.formatt=x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "formatt" in result.stderr
