@@ -18,7 +18,7 @@ def tiny_trainer(tmp_path, tokenizer, *overrides: str):
     conversations = load_conversations(config.data.path, config.data.format).conversations[:8]
     dataset, _ = encode_conversations(conversations, tokenizer, max_length=config.training.max_length)
     dtype = compute_dtype(config.model.dtype)
-    model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed)
+    model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method)
     return build_trainer(config, model, tokenizer, dataset, tmp_path, dtype), dataset
 
 

@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> None:
     log.info("data: %s", summary)
 
     # ── model: base weights; the LoRA adapter is applied by the trainer ────────
-    model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed)
+    model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method)
 
     # ── train ──────────────────────────────────────────────────────────────────
     trainer = build_trainer(config, model, tokenizer, dataset, run_dir, dtype)

@@ -38,7 +38,8 @@ class ModelConfig:
     path: str | None = None  # local checkpoint directory; None builds random weights from the architecture
     tokenizer_path: str | None = None  # None: model.path if set, else the llama-models tokenizer
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on CPU (no fast bf16 there)
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when installed and on a GPU, else sdpa
+    gradient_checkpointing: bool = MISSING  # recompute activations in backward: on for 8B and up
     vocab_size: int = MISSING
     hidden_size: int = MISSING
     intermediate_size: int = MISSING
@@ -63,7 +64,8 @@ class MethodConfig:
     lora_dropout: float | None = None
     target_modules: Any = None  # a list of module names, or "all-linear"
     load_in_4bit: bool = False
-    gradient_checkpointing: bool = False
+    bnb_4bit_quant_type: str = "nf4"  # bitsandbytes' BitsAndBytesConfig names
+    bnb_4bit_use_double_quant: bool = True
 
 
 @dataclass
@@ -176,6 +178,15 @@ def validate(config: Config) -> list[str]:
             problems.append(
                 f"{key}: {path} is not a directory; point it at a local checkpoint (nothing is downloaded)"
             )
+    if (
+        model.path is not None
+        and Path(model.path).is_dir()
+        and not any(Path(model.path).glob("*.safetensors"))
+    ):
+        problems.append(
+            f"model.path: no *.safetensors weights in {model.path}; weights load as safetensors only "
+            "(pickle files can run code): convert them, e.g. with transformers' save_pretrained"
+        )
     if not Path(config.data.path).is_file():
         problems.append(
             f"data.path: {config.data.path} is not a file; point it at a local {config.data.format} file"

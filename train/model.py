@@ -6,6 +6,9 @@ where a bf16 matmul is ~200× slower (no native bf16 on AVX2).
 
 from __future__ import annotations
 
+import importlib.util
+import tempfile
+
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -20,6 +23,15 @@ def compute_dtype(requested: str) -> torch.dtype:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def attention_implementation(requested: str) -> str:
+    """``auto``: FlashAttention-2 on a GPU when flash-attn is installed, else PyTorch's sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def llama_config(model: ModelConfig, tokenizer) -> LlamaConfig:
@@ -42,26 +54,58 @@ def llama_config(model: ModelConfig, tokenizer) -> LlamaConfig:
     )
 
 
-def build_model(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int) -> PreTrainedModel:
+def build_model(
+    model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, method: MethodConfig | None = None
+) -> PreTrainedModel:
     """The base model: from ``model.path`` (safetensors only, no remote code) or random weights.
 
     Random weights depend only on ``seed``, so a tiny run's base model can be rebuilt
-    exactly to load its adapter back.
+    exactly to load its adapter back. With ``method.load_in_4bit`` (QLoRA) the weights load
+    through bitsandbytes as 4-bit NF4 with ``dtype`` compute, prepared for k-bit training;
+    random weights take the same path, saved once to a temporary checkpoint first.
     """
+    if method is not None and method.load_in_4bit:
+        return _load_4bit(model, tokenizer, dtype=dtype, seed=seed, method=method)
     if model.path is not None:
         return AutoModelForCausalLM.from_pretrained(
             model.path,
             dtype=dtype,
-            attn_implementation=model.attn_implementation,
-            use_safetensors=True,
-            local_files_only=True,
-            trust_remote_code=False,
+            **_LOAD_SAFELY,
+            attn_implementation=attention_implementation(model.attn_implementation),
         )
     config = llama_config(model, tokenizer)
-    config._attn_implementation = model.attn_implementation
+    config._attn_implementation = attention_implementation(model.attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).to(dtype)
+
+
+# Weights come from a local directory, as safetensors, and never run code shipped with them.
+_LOAD_SAFELY = {"use_safetensors": True, "local_files_only": True, "trust_remote_code": False}
+
+
+def _load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, method: MethodConfig):
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=method.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=dtype,  # bf16 on GPU; fp32 on CPU, where bf16 compute is ~80x slower
+        bnb_4bit_quant_storage=dtype,  # lets FSDP shard the packed weights like the rest
+    )
+    with tempfile.TemporaryDirectory(prefix="random-weights-") as scratch:
+        path = model.path
+        if path is None:
+            build_model(model, tokenizer, dtype=dtype, seed=seed).save_pretrained(scratch)
+            path = scratch
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        quantized = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization, device_map=device_map, **_LOAD_SAFELY,
+            attn_implementation=attention_implementation(model.attn_implementation),
+        )  # fmt: skip
+    return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=model.gradient_checkpointing)
 
 
 def build_peft_config(method: MethodConfig) -> LoraConfig | None:

@@ -28,7 +28,7 @@ def sft_config(config: Config, run_dir: Path, dtype: torch.dtype) -> SFTConfig:
         fp16=dtype == torch.float16,
         # CPU runs: accelerate must not pick a GPU backend, and DDP over gloo needs it (see launch/).
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=config.method.gradient_checkpointing,
+        gradient_checkpointing=config.model.gradient_checkpointing,
         **training,
     )
 

@@ -1,0 +1,94 @@
+"""Model sizes and methods: exact architectures, safe loading, and what each method trains and saves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_config import composed
+from test_trainer import tiny_trainer
+
+from train.config import ConfigError, load_config
+from train.model import build_model, llama_config
+
+# Parameter counts of Meta's released checkpoints (embeddings and LM head untied).
+PARAMETERS = {"8b": 8_030_261_248, "70b": 70_553_706_496, "405b": 405_853_388_800}
+
+
+@pytest.mark.parametrize("size", PARAMETERS)
+def test_architecture_gives_the_real_parameter_count_without_memory(size, tokenizer):
+    from transformers import LlamaForCausalLM
+
+    config = load_config(composed(f"model={size}"))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(config.model, tokenizer))
+    assert sum(p.numel() for p in model.parameters()) == PARAMETERS[size]
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert (
+        model.config.rope_parameters["rope_type"] == "llama3"
+        and model.config.max_position_embeddings == 131_072
+    )
+
+
+def test_local_checkpoint_loads_from_safetensors(tmp_path, tokenizer):
+    config = load_config(composed())
+    original = build_model(config.model, tokenizer, dtype=torch.float32, seed=1)
+    original.save_pretrained(tmp_path)
+    loaded_config = load_config(composed(f"model.path={tmp_path}"))
+    loaded = build_model(loaded_config.model, tokenizer, dtype=torch.float32, seed=2)
+    for (name, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_pickle_checkpoints_are_refused_before_loading(tmp_path, tokenizer):
+    config = load_config(composed())
+    model = build_model(config.model, tokenizer, dtype=torch.float32, seed=1)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the pickle format of older checkpoints
+    with pytest.raises(ConfigError, match=r"model.path: no \*.safetensors weights in"):
+        load_config(composed(f"model.path={tmp_path}"))
+
+
+def train_briefly(tmp_path, tokenizer, method: str):
+    trainer, _ = tiny_trainer(
+        tmp_path, tokenizer, f"method={method}", "training.max_steps=3", "training.save_steps=100"
+    )
+    before = {name: bits(p) for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(before[name], bits(p))}
+    return trainer, before, changed
+
+
+def bits(parameter: torch.Tensor) -> torch.Tensor:
+    """The raw bytes: 4-bit weights packed into float storage can read as NaN, and NaN != NaN."""
+    return parameter.detach().contiguous().view(torch.uint8).clone()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_methods_train_only_the_adapter_and_save_only_it(tmp_path, tokenizer, method):
+    trainer, before, changed = train_briefly(tmp_path, tokenizer, method)
+    lora_b = {name for name in before if "lora_B" in name}
+    assert lora_b and lora_b <= changed  # every adapter matrix moved
+    assert all("lora_" in name for name in changed)  # and nothing else
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = sorted(p.name for p in (tmp_path / "adapter").glob("*.safetensors"))
+    assert saved == ["adapter_model.safetensors"]
+    if method == "qlora":
+        import bitsandbytes as bnb
+
+        base = trainer.model.get_base_model()
+        assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+        assert isinstance(base.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+        assert base.model.layers[0].mlp.up_proj.weight.quant_type == "nf4"
+
+
+def test_full_trains_every_weight_and_saves_loadable_safetensors(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    trainer, before, changed = train_briefly(tmp_path, tokenizer, "full")
+    # every matrix moves; an embedding row moves only if its token was seen, so count matrices
+    assert {n for n in before if "layers" in n} <= changed and "lm_head.weight" in changed
+    trainer.save_model(str(tmp_path / "model"))
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", use_safetensors=True)
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), reloaded.get_parameter(name).detach()), name
