@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 METHODS = ("full", "lora", "qlora")
+STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -84,8 +85,10 @@ class DataConfig:
 @dataclass
 class LaunchConfig:
     name: str = MISSING
-    num_processes: int = 1
+    strategy: str = MISSING  # single, ddp, fsdp, zero2, zero3, zero3_offload: how weights and states spread
+    num_processes: int = 1  # processes (GPUs) on each machine
     num_machines: int = 1
+    gpu_memory_gb: float = MISSING  # memory of one GPU, for the planner's fit check
     accelerate_config: str | None = None  # a file under launch/, for `accelerate launch --config_file`
 
 
@@ -195,6 +198,20 @@ def validate(config: Config) -> list[str]:
         problems.append(f"data.threads: {config.data.threads!r}; use best (one per tree) or all (every path)")
     if config.data.overflow not in ("truncate", "drop"):
         problems.append(f"data.overflow: {config.data.overflow!r}; use truncate or drop")
+    if config.launch.strategy not in STRATEGIES:
+        problems.append(f"launch.strategy: {config.launch.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    accelerate_config = config.launch.accelerate_config
+    if (
+        accelerate_config is not None
+        and not (Path(__file__).resolve().parents[1] / accelerate_config).is_file()
+    ):
+        problems.append(f"launch.accelerate_config: {accelerate_config} does not exist in this checkout")
+    if config.launch.strategy != "single" and accelerate_config is None:
+        problems.append(
+            f"launch.accelerate_config: launch={config.launch.name} ({config.launch.strategy}) needs an "
+            "accelerate config file to start its processes; without one it can only be planned "
+            "(python -m train.plan)"
+        )
     return problems
 
 
@@ -217,8 +234,12 @@ def _resolved_type(schema: type, key: str) -> type:
     return typing.get_type_hints(schema)[key]
 
 
-def load_config(cfg: DictConfig) -> Config:
-    """Turn Hydra's composed config into the typed ``Config``, or raise ConfigError with every problem."""
+def load_config(cfg: DictConfig, *, check: bool = True) -> Config:
+    """Turn Hydra's composed config into the typed ``Config``, or raise ConfigError with every problem.
+
+    ``check=False`` skips ``validate`` (paths, cross-field rules), for tools that only read the
+    config, such as the memory planner; unknown keys and wrong types still fail.
+    """
     unknown = unknown_keys(cfg, Config)
     if unknown:
         raise ConfigError(
@@ -229,7 +250,7 @@ def load_config(cfg: DictConfig) -> Config:
         config: Config = OmegaConf.to_object(cfg)
     except Exception as error:  # a MISSING value surfaces only here
         raise ConfigError(str(error)) from None
-    problems = validate(config)
+    problems = validate(config) if check else []
     if problems:
         raise ConfigError("the config cannot run:\n  " + "\n  ".join(problems))
     return config
