@@ -8,6 +8,7 @@ from test_config import composed
 from data import encode_conversations, load_conversations
 from train.config import load_config
 from train.model import build_model, compute_dtype
+from train.outputs import save_resolved_config
 from train.trainer import build_trainer
 
 
@@ -15,6 +16,7 @@ def tiny_trainer(tmp_path, tokenizer, *overrides: str):
     cfg = composed("training.report_to=[]", "training.max_length=256", *overrides)
     cfg.output_dir = str(tmp_path)
     config = load_config(cfg)
+    save_resolved_config(cfg, tmp_path)  # as a run leaves it, for tools that read run directories
     conversations = load_conversations(config.data.path, config.data.format).conversations[:8]
     dataset, _ = encode_conversations(conversations, tokenizer, max_length=config.training.max_length)
     dtype = compute_dtype(config.model.dtype)

@@ -65,7 +65,12 @@ def build_model(
     random weights take the same path, saved once to a temporary checkpoint first.
     """
     if method is not None and method.load_in_4bit:
-        return _load_4bit(model, tokenizer, dtype=dtype, seed=seed, method=method)
+        from peft import prepare_model_for_kbit_training
+
+        quantized = load_4bit(model, tokenizer, dtype=dtype, seed=seed, method=method)
+        return prepare_model_for_kbit_training(
+            quantized, use_gradient_checkpointing=model.gradient_checkpointing
+        )
     if model.path is not None:
         return AutoModelForCausalLM.from_pretrained(
             model.path,
@@ -84,8 +89,8 @@ def build_model(
 _LOAD_SAFELY = {"use_safetensors": True, "local_files_only": True, "trust_remote_code": False}
 
 
-def _load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, method: MethodConfig):
-    from peft import prepare_model_for_kbit_training
+def load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, method: MethodConfig):
+    """The base model as bitsandbytes 4-bit weights (``method``'s quant type, double quantization)."""
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -93,7 +98,6 @@ def _load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, 
         bnb_4bit_quant_type=method.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=method.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=dtype,  # bf16 on GPU; fp32 on CPU, where bf16 compute is ~80x slower
-        bnb_4bit_quant_storage=dtype,  # lets FSDP shard the packed weights like the rest
     )
     with tempfile.TemporaryDirectory(prefix="random-weights-") as scratch:
         path = model.path
@@ -101,11 +105,10 @@ def _load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, 
             build_model(model, tokenizer, dtype=dtype, seed=seed).save_pretrained(scratch)
             path = scratch
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-        quantized = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=quantization, device_map=device_map, **_LOAD_SAFELY,
             attn_implementation=attention_implementation(model.attn_implementation),
         )  # fmt: skip
-    return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=model.gradient_checkpointing)
 
 
 def build_peft_config(method: MethodConfig) -> LoraConfig | None:

@@ -1,0 +1,92 @@
+"""Merge a run's LoRA/QLoRA adapter into its base weights and write a plain transformers checkpoint.
+
+    python -m train.export run=outputs/2026-11-26/10-00-00 [out=<dir>]
+
+The base is the run's own (``model.path``, or the random weights its seed rebuilds). For
+QLoRA the adapter was trained against the 4-bit weights, so those are what it is merged into:
+the base loads in 4-bit as in training and is dequantized first, so the merged model computes
+what the trained one did. The result (safetensors, config, tokenizer) loads with
+``AutoModelForCausalLM.from_pretrained`` and needs neither peft nor bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from train.config import Config, ConfigError, load_config
+from train.outputs import CONFIG_FILE, final_dir
+
+
+def run_config(run_dir: Path) -> Config:
+    """The typed config a run was trained with, from its ``config.yaml``."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; run= must name a run directory (outputs/<date>/<time>)")
+    return load_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)), check=False)
+
+
+def adapter_model(run_dir: Path):
+    """The run's base model (dequantized for QLoRA) with its adapter attached, not yet merged."""
+    from peft import PeftModel
+
+    from data import load_tokenizer
+    from train.model import build_model, compute_dtype, load_4bit
+
+    config = run_config(run_dir)
+    adapter = final_dir(run_dir, config.method.name)
+    if config.method.name == "full":
+        raise ConfigError(f"{run_dir} is a full fine-tuning run: its {adapter} already loads in transformers")
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter}: no adapter_config.json; did the run finish?")
+    tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
+    dtype, seed = compute_dtype(config.model.dtype), config.training.seed
+    if config.method.load_in_4bit:
+        quantized = load_4bit(config.model, tokenizer, dtype=dtype, seed=seed, method=config.method)
+        # Dequantize to the dtype the 4-bit forward dequantizes to (bitsandbytes' quant state), so the
+        # merged weights are the ones training saw, then compute in the run's dtype.
+        state = next(
+            m.weight.quant_state
+            for m in quantized.modules()
+            if hasattr(m, "weight") and hasattr(m.weight, "quant_state")
+        )
+        base = quantized.dequantize(dtype=state.dtype).to(dtype)
+    else:
+        base = build_model(config.model, tokenizer, dtype=dtype, seed=seed)
+    return PeftModel.from_pretrained(base, adapter), tokenizer
+
+
+def merged_model(run_dir: Path):
+    """The run's base model with its adapter merged in, in the run's compute dtype."""
+    model, tokenizer = adapter_model(run_dir)
+    return model.merge_and_unload(), tokenizer
+
+
+def export(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the merged checkpoint (safetensors) and tokenizer to ``out`` (default ``<run>/merged``)."""
+    out = out or run_dir / "merged"
+    model, tokenizer = merged_model(run_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    unknown = set(options) - {"run", "out"} or {a for a in argv if "=" not in a}
+    if "run" not in options or unknown:
+        print("usage: python -m train.export run=<run directory> [out=<directory>]", file=sys.stderr)
+        return 2
+    try:
+        out = export(Path(options["run"]), Path(options["out"]) if "out" in options else None)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
