@@ -72,6 +72,9 @@ def test_adapter_methods_train_only_the_adapter_and_save_only_it(tmp_path, token
     trainer.save_model(str(tmp_path / "adapter"))
     saved = sorted(p.name for p in (tmp_path / "adapter").glob("*.safetensors"))
     assert saved == ["adapter_model.safetensors"]
+    # the adapter computes in the run's dtype (TRL would leave a quantized model's adapter in bf16)
+    expected_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {expected_dtype}
     if method == "qlora":
         import bitsandbytes as bnb
 
