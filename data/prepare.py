@@ -256,16 +256,10 @@ def main(argv: list[str]) -> int:
     """Compose the project's configs with ``argv`` as overrides, prepare, print the summary."""
     # The CLI composes the same config tree as training (its schema lives in train.config);
     # the functions above stay free of train, so notebooks can use them alone.
-    from hydra import compose, initialize_config_dir
-
     from data.tokenizer import load_tokenizer
-    from train.config import ConfigError, load_config, register_configs
+    from train.config import ConfigError, compose_config, load_config
 
-    register_configs()
-    with initialize_config_dir(
-        config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"
-    ):
-        cfg = compose(config_name="config", overrides=[*argv, "output_dir=unused"])
+    cfg = compose_config(argv)
     try:
         config = load_config(cfg)
     except ConfigError as error:

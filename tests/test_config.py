@@ -100,3 +100,11 @@ def test_bad_value_in_a_group_file_fails_naming_the_key(tmp_path):
     )
     assert result.returncode != 0
     assert "hiden_size" in result.stderr
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_weight_loads(tmp_path):
+    result = run_train("model=405b", "method=full", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "does not fit launch=local on 1 GPU" in result.stderr
+    assert "planner figures: peak" in result.stderr and "try: launch=" in result.stderr
+    assert not list((tmp_path / "outputs").glob("*/*/config.yaml"))  # our resolved config: never reached

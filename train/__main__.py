@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from train.config import ConfigError, load_config, register_configs
+from train.plan import fit_problems
 
 log = logging.getLogger("train")
 register_configs()
@@ -25,9 +26,14 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    # ── config: typed and validated before anything expensive ───────────────────
+    # ── config: typed, validated and checked to fit, before anything expensive ──
     try:
         config = load_config(cfg)
+        problems = fit_problems(config)
+        if problems:
+            raise ConfigError(
+                "the run cannot fit (python -m train.plan shows the full plan):\n  " + "\n  ".join(problems)
+            )
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

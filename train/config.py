@@ -147,6 +147,18 @@ def sample_path(name: str) -> str:
     return str(Path(package.origin).parent / "samples" / name)
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config tree composed with ``overrides``, for command-line tools that are not Hydra apps
+    (``python -m data.prepare``, ``python -m train.plan``): no run directory, no Hydra logging."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"
+    ):
+        return compose(config_name="config", overrides=[*overrides, "output_dir=unused"])
+
+
 def register_configs() -> None:
     """Make the schema the base of ``conf/config.yaml`` (its defaults list names ``schema``)."""
     ConfigStore.instance().store(name="schema", node=Config)

@@ -1,0 +1,281 @@
+"""The memory planner: exact architecture figures, the launch post's tables, fits, messages, the CLI."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from omegaconf import OmegaConf
+from test_config import composed
+
+from train.config import load_config
+from train.plan import (
+    GIB,
+    count_parameters,
+    fit_problems,
+    kv_cache_bytes_per_token,
+    layer_parameters,
+    lora_parameters,
+    nf4_bytes,
+    parse_memory,
+    per_gpu_bytes,
+    plan_memory,
+    weight_bytes,
+)
+
+PARAMETERS = {"8b": 8_030_261_248, "70b": 70_553_706_496, "405b": 405_853_388_800}
+# The launch post's KV-cache table (GB as printed there); docs/memory.md explains its units.
+POST_KV = {"8b": (0.125, 1.95, 15.62), "70b": (0.313, 4.88, 39.06), "405b": (0.984, 15.38, 123.05)}
+
+
+def config_for(*overrides: str):
+    return load_config(composed(*overrides), check=False)
+
+
+def plan(*overrides: str, seq_len: int = 1024, batch: int = 1, gpu_memory_bytes: int | None = None):
+    config = config_for(*overrides)
+    return plan_memory(
+        config.model, config.method, config.launch, seq_len=seq_len, batch=batch,
+        optim=config.training.optim, gpu_memory_bytes=gpu_memory_bytes,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("size", PARAMETERS)
+def test_parameter_count_is_derived_exactly(size):
+    model = config_for(f"model={size}").model
+    assert count_parameters(model) == PARAMETERS[size]
+    assert weight_bytes(model)["bf16"] == 2 * PARAMETERS[size]
+    assert weight_bytes(model)["fp8"] == PARAMETERS[size]
+    assert weight_bytes(model)["int4"] == PARAMETERS[size] // 2
+
+
+def test_kv_cache_per_token_is_two_layers_kv_heads_head_dim_bf16():
+    assert kv_cache_bytes_per_token(config_for("model=8b").model) == 131_072 == 2 * 32 * 8 * 128 * 2
+    assert kv_cache_bytes_per_token(config_for("model=70b").model) == 2 * 80 * 8 * 128 * 2
+    assert kv_cache_bytes_per_token(config_for("model=405b").model) == 2 * 126 * 8 * 128 * 2
+
+
+@pytest.mark.parametrize("size", ["8b", "70b"])
+def test_kv_table_reproduces_the_launch_post(size):
+    # The post's "1k" is 1,024 tokens, its "16k"/"128k" are 16,000/128,000, and its "GB" is GiB.
+    per_token = kv_cache_bytes_per_token(config_for(f"model={size}").model)
+    for tokens, printed in zip((1024, 16_000, 128_000), POST_KV[size], strict=True):
+        digits = len(str(printed).split(".")[1])
+        assert abs(tokens * per_token / GIB - printed) <= 10**-digits / 2 + 1e-12  # as printed, half up
+
+
+def test_post_405b_kv_row_counts_twice_the_kv_heads():
+    # Its whole row is 1,032,192 bytes a token: 16 KV heads, not the 8 of the released architecture.
+    per_token = kv_cache_bytes_per_token(config_for("model=405b").model)
+    for tokens, printed in zip((1024, 16_000, 128_000), POST_KV["405b"], strict=True):
+        assert 2 * tokens * per_token / GIB == pytest.approx(printed, abs=0.005)
+
+
+def test_nf4_double_quant_costs_its_bitsandbytes_bytes():
+    elements = 4096 * 14336
+    assert nf4_bytes(elements) / elements == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
+    model = config_for("model=8b").model
+    unquantized = 2 * 128_256 * 4096 + 65 * 4096  # embeddings, LM head, 2 norms x 32 layers, final norm
+    quantized = PARAMETERS["8b"] - unquantized
+    assert weight_bytes(model)["nf4_bnb"] == pytest.approx(
+        quantized * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * unquantized, rel=1e-6
+    )
+
+
+def peft_trainable(model_cfg, tokenizer, r: int, target_modules) -> int:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from train.model import llama_config
+
+    with torch.device("meta"):
+        model = get_peft_model(
+            LlamaForCausalLM(llama_config(model_cfg, tokenizer)),
+            LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules, task_type="CAUSAL_LM"),
+        )
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_trainable_parameters_match_peft(tokenizer):
+    config = config_for("model=8b", "method=lora")
+    assert lora_parameters(config.model, config.method) == 13_631_488
+    assert peft_trainable(config.model, tokenizer, 16, list(config.method.target_modules)) == 13_631_488
+    tiny = config_for("method=lora", "method.target_modules=all-linear")
+    assert lora_parameters(tiny.model, tiny.method) == peft_trainable(tiny.model, tokenizer, 16, "all-linear")
+
+
+def test_unknown_lora_target_names_the_key():
+    config = config_for("method=lora", "method.target_modules=[qkv]")
+    with pytest.raises(ValueError, match=r"method.target_modules: \['qkv'\]"):
+        lora_parameters(config.model, config.method)
+
+
+def test_sharding_shrinks_the_70b_full_peak():
+    config = config_for("model=70b", "method=full")
+    peaks = {
+        s: per_gpu_bytes(config.model, config.method, s, 8, tokens=1024, optim="adamw_torch")["peak"]
+        for s in ("single", "ddp", "zero2", "fsdp", "zero3")
+    }
+    assert peaks["zero3"] < peaks["zero2"] < peaks["ddp"]
+    assert peaks["fsdp"] < peaks["ddp"] and peaks["single"] < peaks["ddp"]  # ddp adds its gradient buckets
+
+
+def test_zero_states_follow_deepspeeds_own_estimate():
+    zero2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    zero3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
+    config = config_for("model=70b", "method=full")
+    params, model = PARAMETERS["70b"], config.model
+    largest = max(layer_parameters(model), params - model.num_hidden_layers * layer_parameters(model))
+
+    def states(strategy):
+        parts = per_gpu_bytes(config.model, config.method, strategy, 8, tokens=1024, optim="adamw_torch")
+        return sum(parts[k] for k in ("weights", "gradients", "master", "optimizer", "gathered_unit"))
+
+    _, expected = zero2.estimate_zero2_model_states_mem_needs(params, 8, 1, cpu_offload=False)
+    assert states("zero2") == pytest.approx(expected, abs=16)
+    _, expected, _ = zero3.estimate_zero3_model_states_mem_needs(params, largest, 8, 1, cpu_offload=False)
+    assert states("zero3") == pytest.approx(expected, abs=16)
+
+
+def test_405b_full_needs_several_nodes_of_80gb_gpus():
+    result = plan("model=405b", "method=full")
+    assert not result.fits and result.peak_bytes_per_gpu > 3000 * GIB
+    assert result.recommended.nodes > 1 and result.recommended.gpus == 8 * result.recommended.nodes
+    assert result.recommended.launch in ("fsdp", "zero3")
+    assert result.recommended.peak_bytes_per_gpu <= 0.9 * 80 * GIB
+
+
+def test_8b_qlora_fits_one_24gb_gpu():
+    result = plan("model=8b", "method=qlora", gpu_memory_bytes=24 * GIB)
+    assert result.fits and 5 * GIB < result.peak_bytes_per_gpu < 12 * GIB
+    assert (result.recommended.gpus, result.recommended.launch) == (1, "local")
+
+
+def test_every_recommended_launch_is_a_conf_file_with_that_strategy():
+    for size in PARAMETERS:
+        for method in ("full", "lora", "qlora"):
+            rec = plan(f"model={size}", f"method={method}").recommended
+            launch = OmegaConf.load(REPO / "conf" / "launch" / f"{rec.launch}.yaml")
+            assert launch.strategy == rec.strategy
+
+
+def test_offload_keeps_one_unit_on_the_gpu_and_reports_cpu_memory():
+    result = plan("model=70b", "method=full", "launch=zero3_offload")
+    assert result.per_gpu_bytes["weights"] == result.per_gpu_bytes["optimizer"] == 0
+    assert result.per_gpu_bytes["gathered_unit"] > 0
+    assert result.cpu_bytes_per_node == 18 * PARAMETERS["70b"]  # bf16 weights, fp32 master + grads, moments
+
+
+def test_fit_problems_name_the_key_the_figures_and_a_fix():
+    assert fit_problems(config_for()) == []  # the tiny default run
+    [problem] = fit_problems(config_for("model=405b", "method=full"))
+    assert problem.startswith("launch: model=405b method=full does not fit launch=local on 1 GPU")
+    assert "planner figures: peak" in problem and "GiB per GPU vs 72.00 GiB usable of 80 GiB" in problem
+    assert "try: launch=fsdp launch.num_processes=8 launch.num_machines=" in problem
+
+
+def test_fit_problems_refuse_qlora_with_parameter_offload():
+    [problem] = fit_problems(config_for("model=70b", "method=qlora", "launch=zero3_offload"))
+    assert problem.startswith("launch.strategy: QLoRA's 4-bit weights (bitsandbytes Params4bit)")
+    assert "planner figures: peak" in problem and "try: launch=fsdp or launch=zero3 with 8 GPUs" in problem
+    assert fit_problems(config_for("model=70b", "method=qlora", "launch=zero3")) == []
+
+
+def test_parse_memory_reads_binary_sizes():
+    assert parse_memory("80GB") == parse_memory("80") == parse_memory("80 GiB") == 80 * GIB
+    assert parse_memory("1.5TB") == 1536 * GIB and parse_memory("141gb") == 141 * GIB
+    with pytest.raises(ValueError, match="gpu_memory: 'eighty'"):
+        parse_memory("eighty")
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "train.plan", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_prints_json_with_the_required_keys():
+    result = run_plan("model=8b", "method=qlora", "output=json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["params"] == PARAMETERS["8b"] and out["kv_cache_bytes_per_token"] == 131_072
+    assert set(out["weights_bytes"]) >= {"bf16", "fp8", "int4"}
+    assert isinstance(out["peak_bytes_per_gpu"], int) and out["fits"] is True
+    assert out["recommended"]["gpus"] == 1 and out["recommended"]["launch"] == "local"
+    assert out["recommended"]["nodes"] == 1 and out["seq_len"] == 512  # training.max_length by default
+
+
+def test_cli_recommends_several_nodes_for_405b_full():
+    result = run_plan("model=405b", "method=full", "gpu_memory=80GB", "seq_len=1024", "batch=1")
+    assert result.returncode == 0, result.stderr
+    assert "parameters          405,853,388,800" in result.stdout
+    assert "fits: NO" in result.stdout
+    assert (
+        "smallest setup that fits: launch=fsdp launch.num_processes=8 launch.num_machines=" in result.stdout
+    )
+    assert " nodes)" in result.stdout
+
+
+def test_cli_names_a_bad_option():
+    result = run_plan("gpu_memory=lots")
+    assert result.returncode == 2 and "gpu_memory: 'lots' is not a size" in result.stderr
+    result = run_plan("seq_len=1k")
+    assert result.returncode == 2 and "seq_len: '1k' is not a positive whole number" in result.stderr
+
+
+# ── on a GPU: the planner against the CUDA allocator's peak ────────────────────────────
+GPU_RUNS = {
+    "tiny-lora": ("method=lora",),
+    "tiny-full": ("method=full",),
+    "tiny-qlora": ("method=qlora",),
+    "8b-wide-lora": ("model=8b", "model.num_hidden_layers=2", "model.gradient_checkpointing=false"),
+    "8b-wide-full": ("model=8b", "model.num_hidden_layers=2", "method=full"),
+    "8b-wide-qlora": ("model=8b", "model.num_hidden_layers=2", "method=qlora"),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to measure max_memory_allocated")
+@pytest.mark.parametrize("run", GPU_RUNS)
+def test_planned_peak_bounds_a_real_training_run(run, tmp_path, tokenizer):
+    from datasets import Dataset
+
+    from train.model import build_model, compute_dtype
+    from train.trainer import build_trainer
+
+    seq_len, batch = (256, 2) if run.startswith("tiny") else (1024, 4)
+    cfg = composed(
+        "training.report_to=[]", f"training.max_length={seq_len}", "training.max_steps=3",
+        f"training.per_device_train_batch_size={batch}", "training.save_steps=100", *GPU_RUNS[run],
+    )  # fmt: skip
+    cfg.output_dir = str(tmp_path)
+    config = load_config(cfg)
+    ids = torch.randint(0, 128_000, (4 * batch, seq_len), generator=torch.Generator().manual_seed(0))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "assistant_masks": torch.ones_like(ids).tolist()})
+    # cuBLAS' workspaces (32 MiB for each of the forward and backward threads on Hopper) are runtime
+    # overhead, like the CUDA context: the planner leaves them to usable_fraction, so allocate them first.
+    gc.collect()
+    warm = torch.ones(64, 64, device="cuda", requires_grad=True)
+    (warm @ warm).sum().backward()
+    del warm
+    baseline = torch.cuda.memory_allocated()
+    dtype = compute_dtype(config.model.dtype)
+    model = build_model(config.model, tokenizer, dtype=dtype, seed=0, method=config.method)
+    trainer = build_trainer(config, model, tokenizer, dataset, tmp_path, dtype)
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer.train()
+        measured = torch.cuda.max_memory_allocated() - baseline
+    finally:
+        del trainer, model
+        gc.collect()
+        torch.cuda.empty_cache()
+    planned = plan_memory(
+        config.model, config.method, config.launch, seq_len=seq_len, batch=batch, optim=config.training.optim
+    ).peak_bytes_per_gpu
+    print(f"\nGPU-PEAK {run}: measured {measured / GIB:.3f} GiB, planned {planned / GIB:.3f} GiB")
+    assert 0.8 * planned <= measured <= 1.05 * planned
