@@ -108,3 +108,26 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weight_loads(tmp_path):
     assert "does not fit launch=local on 1 GPU" in result.stderr
     assert "planner figures: peak" in result.stderr and "try: launch=" in result.stderr
     assert not list((tmp_path / "outputs").glob("*/*/config.yaml"))  # our resolved config: never reached
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("size", ["tiny", "8b", "70b", "405b"])
+def test_every_size_and_method_composes_and_is_planned(size, method):
+    from train.plan import fit_problems
+
+    config = load_config(composed(f"model={size}", f"method={method}"))
+    assert (config.model.name, config.method.name) == (size, method)
+    assert config.model.gradient_checkpointing == (size != "tiny")  # on for 8B and up
+    problems = fit_problems(config)  # one 80 GB GPU: fits, or refused with figures and a fix
+    assert all("planner figures" in p and "try:" in p for p in problems)
+    assert bool(problems) == (
+        (size, method)
+        in {
+            ("8b", "full"),
+            ("70b", "full"),
+            ("70b", "lora"),
+            ("405b", "full"),
+            ("405b", "lora"),
+            ("405b", "qlora"),
+        }
+    )

@@ -55,3 +55,9 @@ def test_lora_trains_only_the_adapter_on_attention(tmp_path, tokenizer):
 def test_full_trains_every_parameter(tmp_path, tokenizer):
     trainer, _ = tiny_trainer(tmp_path, tokenizer, "method=full")
     assert all(p.requires_grad for p in trainer.model.parameters())
+
+
+def test_lora_on_all_linear_layers(tmp_path, tokenizer):
+    trainer, _ = tiny_trainer(tmp_path, tokenizer, "method.target_modules=all-linear")
+    adapted = {name.split(".")[-4] for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
