@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> None:
     model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method)
 
     # ── train ──────────────────────────────────────────────────────────────────
-    trainer = build_trainer(config, model, tokenizer, dataset, run_dir, dtype)
+    trainer = build_trainer(config, model, tokenizer, dataset, run_dir, dtype)  # checks its launch at step 0
     trainer.train(resume_from_checkpoint=resume_checkpoint(config, run_dir))
 
     # ── save: adapter (or full weights), tokenizer, loss curve ─────────────────

@@ -90,6 +90,7 @@ class LaunchConfig:
     num_machines: int = 1
     gpu_memory_gb: float = MISSING  # memory of one GPU, for the planner's fit check
     accelerate_config: str | None = None  # a file under launch/, for `accelerate launch --config_file`
+    run: bool = False  # python -m launch: start the command (true) or only print it (false)
 
 
 @dataclass

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from train.config import Config
+from train.config import Config, LaunchConfig
 from train.model import build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
 
@@ -68,11 +69,53 @@ class LlamaSFTTrainer(SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
+# accelerate's distributed types that carry out each launch strategy.
+_ENGINES = {
+    "single": ("NO",),
+    "ddp": ("MULTI_GPU", "MULTI_CPU"),
+    "fsdp": ("FSDP",),
+    "zero2": ("DEEPSPEED",),
+    "zero3": ("DEEPSPEED",),
+    "zero3_offload": ("DEEPSPEED",),
+}
+
+
+class LaunchCheck(TrainerCallback):
+    """At the first step, makes sure the run is what its launch config asked for, and says so.
+
+    Several launches exit 0 without doing what was asked (a multi-CPU config that starts one
+    process, FSDP falling back to DDP on CPU), so the world size, the distributed engine and the
+    wrapped model's class are checked, not assumed.
+    """
+
+    def __init__(self, trainer: Trainer, launch: LaunchConfig):
+        self.trainer, self.launch = trainer, launch
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        accelerator = self.trainer.accelerator
+        engine = accelerator.state.distributed_type.value
+        expected = self.launch.num_processes * self.launch.num_machines
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        wrapped = type(self.trainer.model_wrapped).__name__
+        report = (
+            f"launch={self.launch.name}: {accelerator.num_processes} process(es), engine {engine}, "
+            f"backend {backend}, model {wrapped}"
+        )
+        if accelerator.num_processes != expected or engine not in _ENGINES[self.launch.strategy]:
+            raise RuntimeError(
+                f"{report}; but launch={self.launch.name} asks for {expected} process(es) with "
+                f"{' or '.join(_ENGINES[self.launch.strategy])}: start it with `python -m launch "
+                f"launch={self.launch.name} launch.run=true ...` (or the accelerate line it prints)"
+            )
+        if accelerator.is_main_process:
+            logging.getLogger("train").info("%s", report)
+
+
 def build_trainer(config: Config, model, tokenizer, dataset: Dataset, run_dir: Path, dtype) -> SFTTrainer:
     """TRL's SFTTrainer on the encoded dataset; it folds ``assistant_masks`` into the labels itself."""
     if "wandb" in config.training.report_to:
         configure_wandb(config, run_dir)
-    return LlamaSFTTrainer(
+    trainer = LlamaSFTTrainer(
         model=model,
         args=sft_config(config, run_dir, dtype),
         train_dataset=dataset,
@@ -82,6 +125,8 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, run_dir: P
         compute_dtype=dtype,
         cpu_fused_lm_head=config.training.cpu_fused_lm_head,
     )
+    trainer.add_callback(LaunchCheck(trainer, config.launch))
+    return trainer
 
 
 def resume_checkpoint(config: Config, run_dir: Path) -> str | bool | None:
