@@ -10,6 +10,7 @@ the same. Every process runs the same `python -m train` with the same overrides.
 from __future__ import annotations
 
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -28,11 +29,20 @@ def accelerate_arguments(config: Config, overrides: list[str]) -> list[str]:
         arguments += ["--config_file", str(REPO / launch.accelerate_config)]
     total = launch.num_processes * launch.num_machines
     arguments += ["--num_processes", str(total), "--num_machines", str(launch.num_machines)]
+    if launch.num_machines == 1 and total > 1:
+        # a free port, not torch's fixed 29500: runs started back to back (sweeps, tests) would collide
+        arguments += ["--main_process_port", str(free_port())]
     train_overrides = [o for o in overrides if not o.lstrip("+").startswith("launch.run=")]
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
         # every process must write into the same run directory, so it is fixed here, once
         train_overrides.append(f"hydra.run.dir={Path.cwd() / 'outputs' / time.strftime('%Y-%m-%d/%H-%M-%S')}")
     return [*arguments, "-m", "train", *train_overrides]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def main(argv: list[str]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -44,21 +46,36 @@ def test_a_launch_started_without_its_processes_is_refused(tmp_path):
     assert "asks for 2 process(es) with MULTI_GPU or MULTI_CPU" in result.stderr
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
-    ddp = launch(
-        "launch=ddp", "launch.num_processes=2", "launch.run=true", f"hydra.run.dir={tmp_path / 'ddp'}",
-        "training.per_device_train_batch_size=1", *SHORT, cwd=tmp_path,
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def launched(tmp_path, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, str]:
+    run_dir = tmp_path / name
+    result = launch(
+        f"launch={name}", "launch.num_processes=2", "launch.run=true", f"hydra.run.dir={run_dir}",
+        "training.per_device_train_batch_size=1", *SHORT, *overrides, cwd=tmp_path,
     )  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr[-4000:]
-    report = "launch=ddp: 2 process(es), engine MULTI_CPU, backend gloo, model DistributedDataParallel"
-    assert report in ddp.stdout + ddp.stderr  # the run's log (Hydra logs to stdout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir, result.stdout + result.stderr  # Hydra logs to stdout
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return launched(tmp_path_factory.mktemp("launch"), "ddp")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_with_twice_the_batch(ddp_run, tmp_path):
+    ddp_dir, log = ddp_run
+    assert "launch=ddp: 2 process(es), engine MULTI_CPU, backend gloo, model DistributedDataParallel" in log
     single = run_train(
         f"hydra.run.dir={tmp_path / 'single'}", "training.per_device_train_batch_size=2", *SHORT, cwd=tmp_path
     )
     assert single.returncode == 0, single.stderr[-4000:]
     assert "launch=local: 1 process(es), engine NO, backend none" in single.stdout + single.stderr
-    ddp_weights = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    ddp_weights = load_file(ddp_dir / "adapter" / "adapter_model.safetensors")
     single_weights = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
     assert ddp_weights.keys() == single_weights.keys()
     moved = 0
@@ -66,3 +83,32 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(tmp_path):
         torch.testing.assert_close(ddp_weights[name], tensor, atol=2e-5, rtol=1e-4)
         moved += "lora_B" in name and tensor.abs().sum() > 0
     assert moved  # the adapters trained: equal because they learned the same, not because neither moved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_zero_trains_like_ddp(ddp_run, tmp_path, stage):
+    """DeepSpeed runs on CPU here (gloo, its own CPU accelerator); the first use JIT-builds its comm op."""
+    run_dir, log = launched(tmp_path, stage)
+    assert f"launch={stage}: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine" in log
+    expected = losses(ddp_run[0])
+    assert list(losses(run_dir)) == list(expected) == [1, 2, 3, 4]
+    for step, loss in losses(run_dir).items():
+        assert loss == pytest.approx(expected[step], abs=1e-4), step
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_resumes_where_it_stopped(tmp_path):
+    """Sharded ZeRO-3 checkpoints: resuming from step 4 of 6 reproduces steps 5 and 6 exactly."""
+    resume = ["training.max_steps=6", "training.save_steps=2"]
+    run_dir, _ = launched(tmp_path, "zero3", *resume)
+    uninterrupted = losses(run_dir)
+    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")  # as if the job died after step 4's checkpoint
+    launched(tmp_path, "zero3", *resume, "training.resume_from_checkpoint=latest")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[logged:]]
+    resumed = {row["step"]: row["loss"] for row in rows if "loss" in row}
+    assert list(resumed) == [5, 6]  # it went on from step 4, not from the start
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
