@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, load_from_disk
 
+from data.cache import atomic_directory
+from data.cache import cache_dir as default_cache
 from data.chat import encode_chats
 from data.readers import load_conversations
 
@@ -187,7 +187,7 @@ def prepare_dataset(
         "overflow": overflow, "encoder": ENCODER_VERSION,
     }  # fmt: skip
     key = _cache_key(Path(path), tokenizer, settings)
-    target = Path(cache_dir or default_cache_dir()) / f"{Path(path).name.split('.')[0]}-{key}"
+    target = Path(cache_dir or default_cache("datasets")) / f"{Path(path).name.split('.')[0]}-{key}"
     if (target / SUMMARY_FILE).exists():
         summary = PrepareSummary(**json.loads((target / SUMMARY_FILE).read_text()))
         return load_from_disk(str(target)), summary
@@ -202,7 +202,9 @@ def prepare_dataset(
     if not summary.conversations:
         raise ValueError(f"{path}: no usable conversation left\n{summary}")
     summary.path = str(target)
-    _save_atomically(dataset, summary, target)
+    with atomic_directory(target) as scratch:
+        dataset.save_to_disk(str(scratch))
+        (scratch / SUMMARY_FILE).write_text(json.dumps(asdict(summary), ensure_ascii=False, indent=1))
     return dataset, summary
 
 
@@ -212,11 +214,6 @@ def prepare_from_config(data, tokenizer, *, max_length: int) -> tuple[Dataset, P
         data.path, data.format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
         threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
     )  # fmt: skip
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llama31-finetune" / "datasets"
 
 
 def _cache_key(path: Path, tokenizer, settings: dict) -> str:
@@ -235,20 +232,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     saved = Path(str(tokenizer.name_or_path)) / "tokenizer.json"
     content = saved.read_bytes() if saved.is_file() else tokenizer.backend_tokenizer.to_str().encode()
     return hashlib.sha256(content + (tokenizer.chat_template or "").encode()).hexdigest()
-
-
-def _save_atomically(dataset: Dataset, summary: PrepareSummary, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        dataset.save_to_disk(str(tmp))
-        (tmp / SUMMARY_FILE).write_text(json.dumps(asdict(summary), ensure_ascii=False, indent=1))
-        try:
-            tmp.rename(target)
-        except OSError:  # another process (another rank) saved it first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ── python -m data.prepare ─────────────────────────────────────────────────────────────

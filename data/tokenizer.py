@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from data.cache import atomic_directory
+from data.cache import cache_dir as default_cache
 
 CHAT_TEMPLATE_FILE = Path(__file__).with_name("llama31_instruct_chat_template.jinja")
 
@@ -65,11 +66,6 @@ def meta_split_pattern() -> str:
     return Tokenizer.pat_str
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llama31-finetune" / "tokenizer"
-
-
 def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
     """Return the Llama 3.1 Instruct fast tokenizer.
 
@@ -86,11 +82,12 @@ def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.Pa
     key = hashlib.sha256(
         model_file.read_bytes() + template.encode() + _CONVERSION_VERSION.encode()
     ).hexdigest()[:16]
-    cached = Path(cache_dir or default_cache_dir()) / key
+    cached = Path(cache_dir or default_cache("tokenizer")) / key
     if (cached / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(cached)
     tokenizer = _convert(model_file, template)
-    _save_atomically(tokenizer, cached)
+    with atomic_directory(cached) as scratch:
+        tokenizer.save_pretrained(scratch)
     return tokenizer
 
 
@@ -143,16 +140,3 @@ def _convert(model_file: Path, template: str) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,  # Meta decodes bytes as they are
         model_input_names=["input_ids", "attention_mask"],
     )
-
-
-def _save_atomically(tokenizer: PreTrainedTokenizerFast, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process cached it first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
