@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -112,3 +113,19 @@ def test_zero3_checkpoint_resumes_where_it_stopped(tmp_path):
     assert list(resumed) == [5, 6]  # it went on from step 4, not from the start
     for step in (5, 6):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_each_point_and_a_summary(tmp_path):
+    grid = ["-m", "method=lora,full", "training.max_steps=2", "training.report_to=[]"]
+    result = run_train(*grid, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "0" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "1" / "model" / "model.safetensors").is_file()
+    with (tmp_path / "sweep.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [row["overrides"].split()[0] for row in rows] == ["method=lora", "method=full"]
+    for point, row in enumerate(rows):
+        assert row["run_dir"] == str(tmp_path / str(point)) and row["status"] == "finished"
+        assert float(row["final_loss"]) > 0 and float(row["tokens_per_second"]) > 0
+        assert float(row["peak_memory_gb"]) > 0.1

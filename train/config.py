@@ -116,6 +116,7 @@ class TrainingConfig:
     save_total_limit: int | None = None
     report_to: list[str] = field(default_factory=list)
     dataloader_num_workers: int = 0
+    include_num_input_tokens_seen: str = "non_padding"  # counts tokens, for tokens/s in metrics and sweeps
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in this run's directory
     cpu_fused_lm_head: bool = False  # CPU only: TRL's chunked LM-head kernel instead of the model's own loss
 

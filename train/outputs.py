@@ -28,8 +28,26 @@ class MetricsJsonl(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            with self.path.open("a") as file:
-                file.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+            self._write({"step": state.global_step, "epoch": state.epoch, **logs})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._write({"step": state.global_step, "peak_memory_gb": peak_memory_bytes() / 2**30})
+
+    def _write(self, row: dict) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+def peak_memory_bytes() -> int:
+    """GPU: the most memory torch allocated; CPU: the process's peak resident set."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def read_metrics(path: Path) -> list[dict]:
