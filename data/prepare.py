@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from datasets import Dataset, load_from_disk
 
 from data.cache import atomic_directory
@@ -123,7 +122,7 @@ def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) ->
     """Encode a batch of JSON conversations; returns Arrow columns built without per-token Python objects."""
     dialogs = [json.loads(conversation) for conversation in batch.column("conversation").to_pylist()]
     ids_flat, masks_flat, offsets = [], [], [0]
-    full_length, status = [], []
+    full_length, length, trainable, status = [], [], [], []
     for encoded in encode_chats(dialogs, tokenizer):
         ids, masks, verdict = encoded["input_ids"], encoded["assistant_masks"], "ok"
         if len(ids) > max_length:
@@ -134,22 +133,19 @@ def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) ->
             else:
                 ids, masks, verdict = ids[:max_length], masks[:max_length], "truncated"
         full_length.append(len(encoded["input_ids"]))
+        length.append(len(ids))
+        trainable.append(sum(masks))
         status.append(verdict)
         ids_flat += ids
         masks_flat += masks
         offsets.append(len(ids_flat))
     offsets = pa.array(offsets, pa.int32())
-    masks = pa.array(masks_flat, pa.int8())
-    lengths = pc.subtract(offsets[1:], offsets[:-1])
-    trainable = [
-        sum(masks_flat[a:b]) for a, b in zip(offsets.to_pylist(), offsets.to_pylist()[1:], strict=False)
-    ]
     return pa.table(
         {
             "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids_flat, pa.int32())),
-            "assistant_masks": pa.ListArray.from_arrays(offsets, masks),
+            "assistant_masks": pa.ListArray.from_arrays(offsets, pa.array(masks_flat, pa.int8())),
             "full_length": pa.array(full_length, pa.int32()),
-            "length": lengths,
+            "length": pa.array(length, pa.int32()),
             "trainable": pa.array(trainable, pa.int32()),
             "status": pa.array(status, pa.string()),
         }

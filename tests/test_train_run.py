@@ -71,7 +71,8 @@ def test_adapter_is_safetensors_and_loads_back_with_peft(default_run, tokenizer)
     from peft import PeftModel
 
     from data import encode_chat, load_conversations
-    from train.config import Config, ModelConfig
+    from train.config import ModelConfig
+    from train.export import run_config
     from train.model import build_model
 
     run_dir, _ = default_run
@@ -86,10 +87,9 @@ def test_adapter_is_safetensors_and_loads_back_with_peft(default_run, tokenizer)
     ]
     assert not (adapter / "adapter_model.bin").exists()
 
-    config = OmegaConf.load(run_dir / "config.yaml")
-    model_config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), config)).model
-    assert isinstance(model_config, ModelConfig)
-    base = build_model(model_config, tokenizer, dtype=torch.float32, seed=config.training.seed)
+    config = run_config(run_dir)  # the typed config the run was trained with
+    assert isinstance(config.model, ModelConfig)
+    base = build_model(config.model, tokenizer, dtype=torch.float32, seed=config.training.seed)
     conversations = load_conversations(config.data.path, "messages").conversations[:12]
 
     def mean_loss(model) -> float:
