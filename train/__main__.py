@@ -11,6 +11,8 @@ adapter/ (or model/ for full fine-tuning), checkpoints/, wandb/.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -22,6 +24,12 @@ from train.plan import fit_problems
 
 log = logging.getLogger("train")
 register_configs()
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -38,8 +46,18 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     run_dir = Path(config.output_dir)
+    if config.launch.gpus_per_node and not _has_gpu():
+        print(
+            f"error: launch.gpus_per_node={config.launch.gpus_per_node} but {socket.gethostname()} has no "
+            "usable GPU (torch.cuda.is_available() is False; CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): ask Slurm for GPUs (a GPU partition, "
+            "launch.slurm.partition=...) or run on CPUs with launch.gpus_per_node=0 launch.num_processes=N",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
     from data import load_tokenizer, prepare_from_config
+    from train.checkpoints import STOP_FILE
     from train.model import build_model, compute_dtype
     from train.outputs import LOSS_PLOT_FILE, METRICS_FILE, final_dir, plot_loss, save_resolved_config
     from train.trainer import build_trainer, resume_checkpoint
@@ -60,7 +78,20 @@ def main(cfg: DictConfig) -> None:
 
     # ── train ──────────────────────────────────────────────────────────────────
     trainer = build_trainer(config, model, tokenizer, dataset, run_dir, dtype)  # checks its launch at step 0
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config, run_dir))
+    resume = resume_checkpoint(config, run_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.state.global_step < trainer.state.max_steps:
+        # a stop request (Slurm's USR1 before the time limit): the checkpoint is the output for now
+        if trainer.is_world_process_zero():
+            (run_dir / STOP_FILE).unlink(missing_ok=True)  # honoured; a resumed run must not stop again
+            log.info(
+                "stopped at step %d of %d; resume with training.resume_from_checkpoint=latest",
+                trainer.state.global_step,
+                trainer.state.max_steps,
+            )
+        return
 
     # ── save: adapter (or full weights), tokenizer, loss curve ─────────────────
     trainer.save_model(str(final_dir(run_dir, config.method.name)))

@@ -83,6 +83,24 @@ class DataConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """``launch=slurm``: the sbatch job that ``python -m launch`` writes; ``None``: the cluster decides."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None  # node features, e.g. h100
+    time: str = MISSING  # the job's time limit, Slurm's format ("D-HH:MM:SS", "HH:MM:SS")
+    cpus_per_task: int = MISSING  # CPU cores per node (one task per node runs all its GPUs' processes)
+    mem: str | None = None  # memory per node, e.g. "0" (all of it) or "500G"; None: the partition's default
+    signal_seconds: int = MISSING  # USR1 this long before the time limit: checkpoint, then requeue
+    job_name: str = MISSING
+    sbatch_extra: list[str] = field(default_factory=list)  # more `#SBATCH` options, e.g. "--exclusive"
+    setup: list[str] = field(default_factory=list)  # shell lines run first: module load, env vars
+    python: str | None = None  # the interpreter on the nodes; None: the one that ran `python -m launch`
+
+
+@dataclass
 class LaunchConfig:
     name: str = MISSING
     strategy: str = MISSING  # single, ddp, fsdp, zero2, zero3, zero3_offload: how weights and states spread
@@ -91,6 +109,9 @@ class LaunchConfig:
     gpu_memory_gb: float = MISSING  # memory of one GPU, for the planner's fit check
     accelerate_config: str | None = None  # a file under launch/, for `accelerate launch --config_file`
     run: bool = False  # python -m launch: start the command (true) or only print it (false)
+    nodes: int | None = None  # launch=slurm: nodes of the job (num_machines follows it)
+    gpus_per_node: int | None = None  # launch=slurm: GPUs per node (num_processes follows); 0: a CPU job
+    slurm: SlurmConfig | None = None  # launch=slurm: the sbatch job
 
 
 @dataclass
@@ -225,6 +246,38 @@ def validate(config: Config) -> list[str]:
             f"launch.accelerate_config: launch={config.launch.name} ({config.launch.strategy}) needs an "
             "accelerate config file to start its processes; without one it can only be planned "
             "(python -m train.plan)"
+        )
+    problems += _launch_problems(config.launch)
+    return problems
+
+
+def _launch_problems(launch: LaunchConfig) -> list[str]:
+    problems = []
+    if launch.num_processes < 1 or launch.num_machines < 1:
+        problems.append(
+            f"launch.num_processes={launch.num_processes}, launch.num_machines={launch.num_machines}: "
+            "both must be at least 1"
+        )
+    if launch.strategy == "single" and launch.num_processes * launch.num_machines > 1:
+        problems.append("launch.strategy: single runs one process; use ddp, fsdp or a zero stage for several")
+    if launch.slurm is None:
+        return problems
+    if launch.nodes is None or launch.nodes < 1:
+        problems.append(f"launch.nodes: {launch.nodes}; a Slurm job needs at least 1 node")
+    elif launch.num_machines != launch.nodes:
+        problems.append(
+            f"launch.num_machines: {launch.num_machines} != launch.nodes={launch.nodes}; set nodes only"
+        )
+    if launch.gpus_per_node is None or launch.gpus_per_node < 0:
+        problems.append(f"launch.gpus_per_node: {launch.gpus_per_node}; 0 or more (0: a CPU-only job)")
+    elif launch.gpus_per_node and launch.num_processes != launch.gpus_per_node:
+        problems.append(
+            f"launch.num_processes: {launch.num_processes} != launch.gpus_per_node={launch.gpus_per_node}; "
+            "one process per GPU: set gpus_per_node only"
+        )
+    if launch.slurm.signal_seconds < 1:
+        problems.append(
+            "launch.slurm.signal_seconds: must be > 0, or the job is never warned before its limit"
         )
     return problems
 

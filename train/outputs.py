@@ -26,6 +26,22 @@ class MetricsJsonl(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step > 0 and self.path.is_file():
+            self.keep_until(state.global_step)
+
+    def keep_until(self, step: int) -> None:
+        """Resuming at ``step``: drop what the interrupted run logged after its checkpoint, and its
+        end-of-run rows, so the log reads as one run, each step once."""
+        rows = [
+            row
+            for row in read_metrics(self.path)
+            if row["step"] <= step and not {"train_loss", "peak_memory_gb"} & row.keys()
+        ]
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        temporary.replace(self.path)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self._write({"step": state.global_step, "epoch": state.epoch, **logs})

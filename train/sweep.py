@@ -33,7 +33,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
             {
                 "point": int(run_dir.name),
                 "overrides": " ".join(overrides),
-                "status": "finished" if "train_runtime" in final else "not finished",
+                "status": "finished" if "train_loss" in final else "not finished",
                 # the last logged loss; a run shorter than logging_steps has only its mean train_loss
                 "final_loss": losses[-1] if losses else final.get("train_loss", ""),
                 "tokens_per_second": final.get("train_tokens_per_second", ""),

@@ -12,6 +12,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from train.checkpoints import CompleteCheckpoints, latest_checkpoint
 from train.config import Config, LaunchConfig
 from train.model import build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
@@ -126,12 +127,14 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, run_dir: P
         cpu_fused_lm_head=config.training.cpu_fused_lm_head,
     )
     trainer.add_callback(LaunchCheck(trainer, config.launch))
+    trainer.add_callback(CompleteCheckpoints(trainer, run_dir))
     return trainer
 
 
-def resume_checkpoint(config: Config, run_dir: Path) -> str | bool | None:
-    """``training.resume_from_checkpoint``: a directory, or ``latest`` for this run's newest checkpoint."""
+def resume_checkpoint(config: Config, run_dir: Path) -> str | None:
+    """``training.resume_from_checkpoint``: a directory, or ``latest`` for this run's newest complete one."""
     resume = config.training.resume_from_checkpoint
     if resume == "latest":
-        return True if any((run_dir / "checkpoints").glob("checkpoint-*")) else None
+        latest = latest_checkpoint(run_dir / "checkpoints")
+        return str(latest) if latest else None
     return resume

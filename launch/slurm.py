@@ -1,0 +1,169 @@
+"""``launch=slurm``: the sbatch script for a run, the cluster checks before it is queued, and submission.
+
+The job runs one ``accelerate launch`` per node through ``srun``; every node computes the same
+main address (the first node's ``NodeAddr``) and takes its machine rank from ``SLURM_NODEID``.
+USR1 (``--signal=B:USR1@<s>`` before the time limit, or ``scancel -b -s USR1 <job>``) makes the
+run write a checkpoint at the next step and stop; the script then requeues the job, and the
+restarted job (``SLURM_RESTART_COUNT`` set) resumes from the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from train.checkpoints import STOP_FILE
+from train.config import Config, ConfigError
+
+SCRIPT_NAME = "slurm-job.sh"
+
+_TEMPLATE = """\
+#!/bin/bash
+# Written by `python -m launch` for the run in {run_dir}; resubmit with: sbatch {script}
+{sbatch}
+set -uo pipefail
+{setup}
+RUN_DIR={run_dir_q}
+PYTHON={python}
+STOP_FILE="$RUN_DIR/{stop_file}"
+rm -f "$STOP_FILE"
+
+# rendezvous: machine 0 is the job's first node, reached at the address Slurm has for it
+MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MAIN_ADDR=$(scontrol show node "$MAIN_NODE" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
+MAIN_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+
+RESUME=()
+if [[ ${{SLURM_RESTART_COUNT:-0}} -gt 0 ]]; then
+    echo "$(date -Is) restart $SLURM_RESTART_COUNT: resuming from the latest complete checkpoint"
+    RESUME=(training.resume_from_checkpoint=latest)
+fi
+echo "$(date -Is) job $SLURM_JOB_ID: {nodes} node(s) ($SLURM_JOB_NODELIST), main $MAIN_ADDR:$MAIN_PORT"
+
+# USR1 before the time limit (or from scancel -b -s USR1): checkpoint at the next step, stop, requeue
+requeue=0
+trap 'echo "$(date -Is) USR1: checkpoint at the next step, then requeue"; requeue=1; touch "$STOP_FILE"' USR1
+
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\
+    bash -c 'exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' "$PYTHON" \\
+    {accelerate} \\
+    --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \\
+    -m train {overrides} "${{RESUME[@]}}" &
+srun_pid=$!
+# a trapped signal interrupts `wait`; wait again until srun itself has ended
+while true; do
+    wait "$srun_pid"
+    status=$?
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+
+# the run deletes the stop file when it stopped for it; a file still there means it finished first
+if ((requeue)) && ((status == 0)) && [[ ! -e $STOP_FILE ]]; then
+    echo "$(date -Is) checkpoint written; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+rm -f "$STOP_FILE"
+echo "$(date -Is) training exited with status $status"
+exit "$status"
+"""
+
+
+def sbatch_options(config: Config, run_dir: Path) -> list[str]:
+    launch, slurm = config.launch, config.launch.slurm
+    options = [
+        f"--job-name={slurm.job_name}",
+        f"--nodes={launch.nodes}",
+        "--ntasks-per-node=1",  # one `accelerate launch` per node; it starts that node's processes
+        f"--cpus-per-task={slurm.cpus_per_task}",
+        f"--time={slurm.time}",
+        f"--signal=B:USR1@{slurm.signal_seconds}",
+        "--requeue",
+        "--open-mode=append",  # a requeued job appends to the same log
+        f"--output={run_dir / 'slurm-%j.out'}",
+        f"--chdir={Path.cwd()}",
+    ]
+    if launch.gpus_per_node:
+        options.append(f"--gpus-per-node={launch.gpus_per_node}")
+    for key in ("partition", "account", "qos", "constraint", "mem"):
+        if (value := getattr(slurm, key)) is not None:
+            options.append(f"--{key}={value}")
+    return options + list(slurm.sbatch_extra)
+
+
+def render_script(config: Config, accelerate: list[str], overrides: list[str], run_dir: Path) -> str:
+    """The sbatch script. ``accelerate``: the arguments before ``-m train`` except the rendezvous
+    ones the job finds itself; ``overrides``: the train overrides, ``hydra.run.dir`` included."""
+    slurm = config.launch.slurm
+    script = run_dir / SCRIPT_NAME
+    return _TEMPLATE.format(
+        run_dir=run_dir,
+        script=script,
+        sbatch="\n".join(f"#SBATCH {option}" for option in sbatch_options(config, run_dir)),
+        setup="\n".join(["", *slurm.setup, ""]) if slurm.setup else "",
+        run_dir_q=shlex.quote(str(run_dir)),
+        python=shlex.quote(slurm.python or sys.executable),
+        stop_file=STOP_FILE,
+        nodes=config.launch.nodes,
+        accelerate=shlex.join(accelerate),
+        overrides=shlex.join(overrides),
+    )
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def cluster_problems(config: Config) -> list[str]:
+    """What this cluster cannot give the job, asked of ``sinfo`` before anything is queued."""
+    launch, slurm = config.launch, config.launch.slurm
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return ["sbatch/sinfo not found: submit from a Slurm login node, or --dry-run to only see the script"]
+    listed = _run(["sinfo", "-h", "-o", "%P|%G|%D|%a"])
+    if listed.returncode != 0:
+        return [f"sinfo failed ({listed.stderr.strip()}): is this a Slurm login node?"]
+    partitions: dict[str, dict] = {}
+    default = None
+    for line in listed.stdout.splitlines():
+        name, gres, count, available = line.split("|")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        entry = partitions.setdefault(name, {"gres": set(), "nodes": 0, "up": available == "up"})
+        entry["gres"].add(gres)
+        entry["nodes"] += int(count)
+    name = slurm.partition or default
+    if name is None:
+        return ["launch.slurm.partition: this cluster has no default partition; set one of: "
+                + ", ".join(sorted(partitions))]  # fmt: skip
+    if name not in partitions:
+        return [
+            f"launch.slurm.partition: no partition {name!r} on this cluster; set launch.slurm.partition to "
+            f"one of: {', '.join(sorted(partitions))}"
+        ]
+    problems = []
+    partition = partitions[name]
+    if launch.gpus_per_node and not any("gpu" in gres for gres in partition["gres"]):
+        problems.append(
+            f"launch.gpus_per_node={launch.gpus_per_node}: partition {name!r} has no GPUs (sinfo GRES: "
+            f"{', '.join(sorted(partition['gres']))}); choose a GPU partition with "
+            "launch.slurm.partition=..., or CPU processes with launch.gpus_per_node=0 launch.num_processes=N"
+        )
+    if launch.nodes > partition["nodes"]:
+        problems.append(
+            f"launch.nodes={launch.nodes}: partition {name!r} has {partition['nodes']} node(s); "
+            "lower launch.nodes"
+        )
+    if not partition["up"]:
+        problems.append(f"launch.slurm.partition: partition {name!r} is not up (sinfo: down/drain)")
+    return problems
+
+
+def submit(script: Path) -> str:
+    """``sbatch`` the script; the job id."""
+    result = _run(["sbatch", "--parsable", str(script)])
+    if result.returncode != 0:
+        raise ConfigError(f"sbatch refused {script}: {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]

@@ -1,0 +1,211 @@
+"""`python -m launch launch=slurm`: the rendered sbatch script, and real jobs on the local two-node cluster —
+rendezvous across nodes, USR1 before the time limit (checkpoint, requeue, resume) and `scontrol requeue`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_slurm_cluster import run, slurm, wait_for  # noqa: F401  (slurm: the module's cluster fixture)
+
+# two nodes, one CPU process each: DDP over gloo across the "nodes" of the local cluster
+CPU_JOB = [
+    "launch=slurm",
+    "launch.nodes=2",
+    "launch.gpus_per_node=0",
+    "launch.num_processes=1",
+    "launch.slurm.cpus_per_task=1",
+    "launch.slurm.mem=null",
+    "training.max_steps=12",
+    "training.save_steps=4",
+    "training.logging_steps=1",
+    "training.per_device_train_batch_size=1",
+    "training.report_to=[]",
+    "method.lora_dropout=0.0",
+]
+
+
+def launch(*overrides: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch", *overrides],
+        cwd=cwd,
+        env=env or os.environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_dry_run_shows_the_sbatch_script(tmp_path):
+    result = launch(
+        "--dry-run", "launch=slurm", "launch.nodes=4", "launch.gpus_per_node=8", "launch.strategy=zero3",
+        "launch.slurm.partition=gpu", "launch.slurm.account=proj42", "launch.slurm.qos=high",
+        "launch.slurm.constraint=h100", "launch.slurm.time=2:00:00", "launch.slurm.signal_seconds=300",
+        "launch.slurm.sbatch_extra=[--exclusive]", "launch.slurm.setup=[module load cuda/12.4]",
+        f"hydra.run.dir={tmp_path / 'run'}", "model=8b",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert not (tmp_path / "run").exists()  # a dry run writes and submits nothing
+    sbatch = [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+    assert sbatch == [
+        "--job-name=llama31-8b-lora", "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=32",
+        "--time=2:00:00", "--signal=B:USR1@300", "--requeue", "--open-mode=append",
+        f"--output={tmp_path / 'run' / 'slurm-%j.out'}", f"--chdir={tmp_path}", "--gpus-per-node=8",
+        "--partition=gpu", "--account=proj42", "--qos=high", "--constraint=h100", "--mem=0", "--exclusive",
+    ]  # fmt: skip
+    assert "\nmodule load cuda/12.4\n" in script
+    config_file = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "zero3.yaml"
+    assert f"--config_file {config_file} --num_processes 32 --num_machines 4 \\" in script
+    assert '--machine_rank "$SLURM_NODEID"' in script
+    assert '--main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT"' in script
+    assert 'MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert f"hydra.run.dir={tmp_path / 'run'}" in script
+    assert "RESUME=(training.resume_from_checkpoint=latest)" in script
+    checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr  # valid bash
+
+
+def test_inconsistent_slurm_counts_are_refused(tmp_path):
+    result = launch(
+        "--dry-run", "launch=slurm", "launch.gpus_per_node=8", "launch.num_processes=4", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert "launch.num_processes: 4 != launch.gpus_per_node=8; one process per GPU" in result.stderr
+
+
+def test_a_gpu_job_on_a_node_without_gpus_stops_with_our_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "launch=slurm", "launch.nodes=1", "launch.gpus_per_node=1",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "launch.gpus_per_node=1 but" in result.stderr and "has no usable GPU" in result.stderr
+    assert "launch.gpus_per_node=0 launch.num_processes=N" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ── real jobs on the local cluster ──────────────────────────────────────────────
+
+
+def job_state(job: str, env) -> dict[str, str]:
+    shown = run(["scontrol", "show", "job", "-o", job], env).stdout
+    return dict(word.split("=", 1) for word in shown.split() if "=" in word)
+
+
+def wait_for_end(job: str, env, timeout: float = 420) -> dict[str, str]:
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    wait_for(lambda: job_state(job, env).get("JobState") in ended, timeout, f"job {job} to end")
+    return job_state(job, env)
+
+
+def submit(run_dir: Path, env, *overrides: str) -> str:
+    result = launch(*CPU_JOB, f"hydra.run.dir={run_dir}", *overrides, cwd=run_dir.parent, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"run directory: {run_dir}" in result.stdout
+    return result.stdout.split("submitted job ")[1].split(":")[0]
+
+
+def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+
+
+def finished(run_dir: Path, job: str, state: dict) -> str:
+    log = (run_dir / f"slurm-{job}.out").read_text(errors="replace")
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-4000:]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    return log
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory):  # noqa: F811
+    _, env = slurm
+    run_dir = tmp_path_factory.mktemp("slurm-jobs") / "uninterrupted"
+    job = submit(run_dir, env)
+    log = finished(run_dir, job, wait_for_end(job, env))
+    return run_dir, log
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_two_node_job_rendezvous_and_trains(uninterrupted):
+    run_dir, log = uninterrupted
+    assert "job " in log and "2 node(s) (n[1-2]), main localhost:" in log
+    assert "launch=slurm: 2 process(es), engine MULTI_CPU, backend gloo, model DistributedDataParallel" in log
+    assert [step for step, _ in logged_losses(run_dir)] == list(range(1, 13))
+    assert "training exited with status 0" in log
+
+
+def expect_resumed_run(run_dir: Path, uninterrupted_dir: Path, state: dict) -> None:
+    """One continuous log, each step once, with the losses of the run that was never interrupted:
+    the resumed run restored the weights, the optimizer and the data order."""
+    assert state["Restarts"] == "1"
+    resumed, expected = logged_losses(run_dir), logged_losses(uninterrupted_dir)
+    assert [step for step, _ in resumed] == list(range(1, 13))
+    for (step, loss), (_, reference) in zip(resumed, expected, strict=True):
+        assert loss == pytest.approx(reference, abs=1e-4), step
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_usr1_checkpoints_requeues_and_resumes(slurm, uninterrupted, tmp_path):  # noqa: F811
+    _, env = slurm
+    run_dir = tmp_path / "usr1"
+    job = submit(run_dir, env)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 240, "step 2")
+    signalled = run(["scancel", "-b", "-s", "USR1", job], env)  # what --signal=B:USR1@<s> sends
+    assert signalled.returncode == 0, signalled.stderr
+    log = finished(run_dir, job, state := wait_for_end(job, env))
+    stopped = int(log.split("checkpoint at step ")[1].split(",")[0])
+    assert 2 <= stopped < 12
+    assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{stopped}'}\n" in log
+    assert f"stopped at step {stopped} of 12" in log
+    assert "checkpoint written; requeueing job" in log and "restart 1: resuming" in log
+    assert not (run_dir / "checkpoint-and-stop").exists()
+    expect_resumed_run(run_dir, uninterrupted[0], state)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_scontrol_requeue_mid_run_resumes_from_the_last_complete_checkpoint(slurm, uninterrupted, tmp_path):  # noqa: F811
+    _, env = slurm
+    run_dir = tmp_path / "requeue"
+    job = submit(run_dir, env)
+    complete = run_dir / "checkpoints" / "checkpoint-4" / "COMPLETE"
+    wait_for(complete.is_file, 240, "checkpoint-4")
+    requeued = run(["scontrol", "requeue", job], env)  # the job is killed now, mid-run, and queued again
+    assert requeued.returncode == 0, requeued.stderr
+    state = wait_for_end(job, env)
+    finished(run_dir, job, state)
+    expect_resumed_run(run_dir, uninterrupted[0], state)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["launch.slurm.partition=no_such_partition"],
+         "launch.slurm.partition: no partition 'no_such_partition' on this cluster; "
+         "set launch.slurm.partition to one of: debug"),
+        (["launch.gpus_per_node=1", "launch.num_processes=1"],
+         "launch.gpus_per_node=1: partition 'debug' has no GPUs (sinfo GRES: (null))"),
+        (["launch.nodes=3"], "launch.nodes=3: partition 'debug' has 2 node(s); lower launch.nodes"),
+    ],
+)  # fmt: skip
+def test_a_job_the_cluster_cannot_run_is_refused_before_submitting(slurm, tmp_path, overrides, message):  # noqa: F811
+    _, env = slurm
+    result = launch(*CPU_JOB, f"hydra.run.dir={tmp_path / 'run'}", *overrides, cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "error: Slurm cannot run this job:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+    assert run(["squeue", "-h"], env).stdout == ""
