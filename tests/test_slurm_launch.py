@@ -3,6 +3,7 @@ rendezvous across nodes, USR1 before the time limit (checkpoint, requeue, resume
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -209,3 +210,34 @@ def test_a_job_the_cluster_cannot_run_is_refused_before_submitting(slurm, tmp_pa
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
     assert run(["squeue", "-h"], env).stdout == ""
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_sweep_on_slurm_runs_each_point_as_its_own_job(slurm, tmp_path):  # noqa: F811
+    """hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml, submitit): a job array, one point per job."""
+    _, env = slurm
+    sweep_dir = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "train", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
+         "hydra.launcher.cpus_per_task=1", "method.r=4,8", "training.max_steps=2", "training.report_to=[]",
+         f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    with (sweep_dir / "sweep.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [row["overrides"].split()[0] for row in rows] == ["method.r=4", "method.r=8"]
+    jobs = sorted(
+        path.name
+        for path in (sweep_dir / ".submitit").iterdir()
+        if path.name[0].isdigit() and "_" in path.name
+    )
+    array = jobs[0].split("_")[0]
+    assert jobs == [f"{array}_0", f"{array}_1"]  # one array job, one task per point
+    for point, (row, job) in enumerate(zip(rows, jobs, strict=True)):
+        assert row["status"] == "finished" and float(row["final_loss"]) > 0, row
+        adapter = json.loads((sweep_dir / str(point) / "adapter" / "adapter_config.json").read_text())
+        assert adapter["r"] == (4, 8)[point]
+        log = (sweep_dir / ".submitit" / job / f"{job}_0_log.out").read_text()
+        assert f"run directory {sweep_dir / str(point)};" in log  # trained inside that Slurm job
