@@ -11,6 +11,7 @@ the same. Every process runs the same `python -m train` with the same overrides.
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
 import subprocess
@@ -77,11 +78,45 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     arguments = accelerate_arguments(config, argv)
+    if config.launch.num_machines > 1:
+        given = any(o.startswith("hydra.run.dir=") for o in argv)
+        return start_on_machines(config, arguments, config.launch.run and not dry_run, given)
     print(shlex.join(["accelerate", "launch", *arguments]))
     if dry_run or not config.launch.run:
         return 0
     # the same launcher, from this interpreter, so an unactivated venv works too
     return subprocess.call([sys.executable, "-m", "accelerate.commands.launch", *arguments])
+
+
+RENDEZVOUS = {
+    "MACHINE_RANK": "--machine_rank",
+    "MAIN_ADDR": "--main_process_ip",
+    "MAIN_PORT": "--main_process_port",
+}
+
+
+def start_on_machines(config: Config, arguments: list[str], run: bool, run_dir_given: bool) -> int:
+    """Several machines without Slurm: the same line on every machine, each with its own MACHINE_RANK
+    (0 .. num_machines-1) and every one with machine 0's MAIN_ADDR and a MAIN_PORT open there."""
+    machines = config.launch.num_machines
+    before, train = arguments[: arguments.index("-m")], arguments[arguments.index("-m") :]
+    if not run:
+        rendezvous = " ".join(f'{flag} "${variable}"' for variable, flag in RENDEZVOUS.items())
+        print(f"# on each of the {machines} machines, with MACHINE_RANK, MAIN_ADDR and MAIN_PORT set:")
+        print(shlex.join(["accelerate", "launch", *before]), rendezvous, shlex.join(train))
+        return 0
+    missing = [variable for variable in RENDEZVOUS if not os.environ.get(variable)]
+    missing += [] if run_dir_given else ["hydra.run.dir"]
+    if missing:
+        print(
+            f"error: launch.num_machines={machines}: set {', '.join(missing)} on each machine "
+            f"(MACHINE_RANK 0..{machines - 1}, MAIN_ADDR and MAIN_PORT of machine 0, the same "
+            "hydra.run.dir on a shared file system); or use launch=slurm, which does it for you",
+            file=sys.stderr,
+        )
+        return 2
+    rendezvous = [part for variable, flag in RENDEZVOUS.items() for part in (flag, os.environ[variable])]
+    return subprocess.call([sys.executable, "-m", "accelerate.commands.launch", *before, *rendezvous, *train])
 
 
 def submit_to_slurm(config: Config, argv: list[str], dry_run: bool) -> int:

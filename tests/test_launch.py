@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 from conftest import REPO, run_train
 from safetensors.torch import load_file
+
+from launch.__main__ import free_port
 
 SHORT = [
     "training.max_steps=4",
@@ -31,11 +34,54 @@ def test_prints_the_accelerate_line(tmp_path):
         "launch=ddp", "launch.num_processes=4", "launch.num_machines=2", "method=qlora", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
-    line = result.stdout.strip().splitlines()[-1]
+    note, line = result.stdout.strip().splitlines()[-2:]
     config_file = REPO / "launch" / "accelerate" / "ddp.yaml"
+    assert note == "# on each of the 2 machines, with MACHINE_RANK, MAIN_ADDR and MAIN_PORT set:"
     assert line.startswith(
-        f"accelerate launch --config_file {config_file} --num_processes 8 --num_machines 2 -m train "
-        "launch=ddp launch.num_processes=4 launch.num_machines=2 method=qlora hydra.run.dir="
+        f"accelerate launch --config_file {config_file} --num_processes 8 --num_machines 2 "
+        '--machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" '
+        "-m train launch=ddp launch.num_processes=4 launch.num_machines=2 method=qlora hydra.run.dir="
+    )
+
+
+@pytest.mark.slow
+def test_two_machines_started_by_hand_train_as_one_run(ddp_run, tmp_path):
+    """The multi-machine line, run on two "machines" of this host: they rendezvous and train like DDP."""
+    run_dir, port = tmp_path / "run", str(free_port())
+    overrides = ["launch=ddp", "launch.num_machines=2", "launch.num_processes=1", "launch.run=true",
+                 f"hydra.run.dir={run_dir}", "training.per_device_train_batch_size=1", *SHORT]  # fmt: skip
+    refused = launch(*overrides, cwd=tmp_path)
+    assert (
+        refused.returncode == 2 and "set MACHINE_RANK, MAIN_ADDR, MAIN_PORT on each machine" in refused.stderr
+    )
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "launch", *overrides],
+            env={**os.environ, "MACHINE_RANK": str(rank), "MAIN_ADDR": "127.0.0.1", "MAIN_PORT": port},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    logs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert (
+        "launch=ddp: 2 process(es), engine MULTI_CPU, backend gloo, model DistributedDataParallel" in logs[0]
+    )
+    expected = losses(ddp_run[0])
+    for step, loss in losses(run_dir).items():
+        assert loss == pytest.approx(expected[step], abs=1e-5), step
+
+
+@pytest.mark.parametrize("name", ["fsdp", "zero3_offload"])
+def test_sharded_launches_print_their_accelerate_config(tmp_path, name):
+    result = launch(f"launch={name}", "launch.num_processes=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config_file = REPO / "launch" / "accelerate" / f"{name}.yaml"
+    assert (
+        f"accelerate launch --config_file {config_file} --num_processes 2 --num_machines 1 " in result.stdout
     )
 
 
@@ -86,11 +132,16 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(ddp_run, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_zero_trains_like_ddp(ddp_run, tmp_path, stage):
-    """DeepSpeed runs on CPU here (gloo, its own CPU accelerator); the first use JIT-builds its comm op."""
+    """DeepSpeed runs on CPU here (gloo, its own CPU accelerator); the first use JIT-builds its comm op,
+    and offload's first use its CPU Adam (~90 s each, cached under ~/.cache/torch_extensions)."""
     run_dir, log = launched(tmp_path, stage)
-    assert f"launch={stage}: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine" in log
+    zero, offload = stage.split("_offload")[0][-1], "cpu" if stage.endswith("offload") else "none"
+    assert (
+        f"launch={stage}: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, "
+        f"ZeRO-{zero}, offload optimizer {offload}, parameters {offload}" in log
+    )
     expected = losses(ddp_run[0])
     assert list(losses(run_dir)) == list(expected) == [1, 2, 3, 4]
     for step, loss in losses(run_dir).items():
@@ -113,6 +164,74 @@ def test_zero3_checkpoint_resumes_where_it_stopped(tmp_path):
     assert [step for step, _ in resumed] == [1, 2, 3, 4, 5, 6]  # one log, steps 5 and 6 from the resumed run
     for step, loss in resumed:
         assert loss == pytest.approx(uninterrupted[step], abs=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    return launched(tmp_path_factory.mktemp("launch"), "fsdp", "training.save_steps=2")
+
+
+@pytest.mark.slow
+def test_fsdp_shards_on_cpu_and_trains_like_ddp(ddp_run, fsdp_run, tokenizer):
+    """accelerate alone would train DDP here (train/trainer.py shard_with_fsdp_on_cpu); the final
+    save gathers every rank's shards, so adapter/ is DDP's adapter, whole, and loads with peft."""
+    from peft import PeftModel
+
+    from train.export import run_config
+    from train.model import build_model
+
+    run_dir, log = fsdp_run
+    # 37 parameters: 2 layers x (4 attention + 8 LoRA + 3 MLP + 2 norms), embeddings, final norm, LM head
+    assert (
+        "launch=fsdp: 2 process(es), engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, "
+        "37/37 parameters DTensor shards, rank 0 holds 50%" in log
+    )
+    expected = losses(ddp_run[0])
+    assert list(losses(run_dir)) == list(expected) == [1, 2, 3, 4]
+    for step, loss in losses(run_dir).items():
+        assert loss == pytest.approx(expected[step], abs=1e-4), step
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    ddp_adapter = load_file(ddp_run[0] / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == ddp_adapter.keys() and len(adapter) == 16  # 2 layers x q,k,v,o x A,B
+    for name, tensor in ddp_adapter.items():
+        torch.testing.assert_close(adapter[name], tensor, atol=2e-5, rtol=1e-4)
+    config = run_config(run_dir)
+    base = build_model(config.model, tokenizer, dtype=torch.float32, seed=config.training.seed)
+    tuned = PeftModel.from_pretrained(base, run_dir / "adapter")
+    loaded = {name: p for name, p in tuned.named_parameters() if "lora_B" in name}
+    assert len(loaded) == 8 and all(p.abs().sum() > 0 for p in loaded.values())  # trained, and loaded
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_is_sharded_and_resumes_where_it_stopped(fsdp_run, tmp_path):
+    """Each rank writes its own shards (torch.distributed.checkpoint); resuming from step 2 of 4
+    in a fresh run directory reproduces steps 3 and 4 exactly."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    run_dir, _ = fsdp_run
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    shards = checkpoint / "pytorch_model_fsdp_0"
+    assert sorted(path.name for path in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    saved = FileSystemReader(shards).read_metadata().state_dict_metadata
+    assert sum("lora_B" in key for key in saved) == 8  # the adapter is in it, not an empty file set
+    assert not list(checkpoint.glob("*.safetensors"))  # sharded, not gathered
+    (tmp_path / "resumed").mkdir()
+    resumed_dir, _ = launched(
+        tmp_path / "resumed", "fsdp", "training.save_steps=2", f"training.resume_from_checkpoint={checkpoint}"
+    )
+    resumed, uninterrupted = losses(resumed_dir), losses(run_dir)
+    assert list(resumed) == [3, 4]  # it went on from step 2, not from the start
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_qlora_under_fsdp_shards_its_4bit_weights(tmp_path):
+    """4-bit weights stored in the compute dtype (train/model.py) are sharded like every other parameter."""
+    run_dir, log = launched(tmp_path, "fsdp", "method=qlora", "training.max_steps=2")
+    assert "launch=fsdp: 2 process(es), engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, " in log
+    assert "37/37 parameters DTensor shards" in log
+    assert len(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 16  # 2 layers x q/k/v/o x A/B
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ where a bf16 matmul is ~200× slower (no native bf16 on AVX2).
 from __future__ import annotations
 
 import importlib.util
+import os
 import tempfile
 
 import torch
@@ -93,11 +94,16 @@ def load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, m
     """The base model as bitsandbytes 4-bit weights (``method``'s quant type, double quantization)."""
     from transformers import BitsAndBytesConfig
 
+    settings = {}
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch
+        # FSDP shards float tensors only: 4-bit weights packed into the compute dtype shard like the rest
+        settings["bnb_4bit_quant_storage"] = dtype
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=method.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=method.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=dtype,  # bf16 on GPU; fp32 on CPU, where bf16 compute is ~80x slower
+        **settings,
     )
     with tempfile.TemporaryDirectory(prefix="random-weights-") as scratch:
         path = model.path
