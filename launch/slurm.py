@@ -47,7 +47,8 @@ echo "$(date -Is) job $SLURM_JOB_ID: {nodes} node(s) ($SLURM_JOB_NODELIST), main
 requeue=0
 trap 'echo "$(date -Is) USR1: checkpoint at the next step, then requeue"; requeue=1; touch "$STOP_FILE"' USR1
 
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\
+# srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): the processes would share one core
+srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\
     bash -c 'exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' "$PYTHON" \\
     {accelerate} \\
     --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \\
