@@ -37,7 +37,8 @@ def run(fused: bool, workdir: Path, extra: list[str]) -> dict:
     )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
-        "runtime": next(r["train_runtime"] for r in rows if "train_runtime" in r),
+        # the end-of-run summary (TRL also logs a running train_runtime on every step's row)
+        "runtime": next(r["train_runtime"] for r in rows if "train_loss" in r),
         "losses": [round(r["loss"], 4) for r in rows if "loss" in r],
     }
 
