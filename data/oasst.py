@@ -162,16 +162,7 @@ def conversations(
     whole, as is a tree left with no assistant reply once excluded messages are pruned.
     """
     found = []
-    for root in roots:
-        if languages is not None and root.lang not in languages:
-            left_out(
-                root.where,
-                "language filtered",
-                f"tree {root.tree_id}: language {root.lang!r} is not in data.lang",
-            )
-            continue
-        if prune(root, left_out) is None:
-            continue
+    for root in kept_trees(roots, languages, left_out):
         tree_threads = threads(root, policy)
         if not tree_threads:
             left_out(
@@ -179,6 +170,19 @@ def conversations(
             )
         found += [as_messages(thread) for thread in tree_threads]
     return found
+
+
+def kept_trees(roots: list[Message], languages: set[str] | None, left_out: LeftOut) -> Iterator[Message]:
+    """The trees whose root prompt's ``lang`` is in ``languages`` (None keeps all), each pruned (``prune``).
+
+    A tree in another language is left out whole ("language filtered"), as is one whose root is excluded.
+    """
+    for root in roots:
+        if languages is not None and root.lang not in languages:
+            detail = f"tree {root.tree_id}: language {root.lang!r} is not in data.lang"
+            left_out(root.where, "language filtered", detail)
+        elif prune(root, left_out) is not None:
+            yield root
 
 
 def prune(root: Message, left_out: LeftOut) -> Message | None:

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,17 +57,23 @@ class PrepareSummary:
             f"{self.trainable_tokens:,} trainable ({self.trainable_tokens / max(self.tokens, 1):.0%}), "
             f"{self.truncated} truncated",
         ]
-        lines += [f"  dropped {count} × {reason}" for reason, count in self.dropped.items()]
-        lines += [f"    e.g. {example}" for example in self.examples]
-        widest = max(self.length_histogram.values(), default=1)
-        lines.append("  length (tokens, before truncation):")
-        lines += [
-            f"    {bucket:>13} {count:>7} {'█' * round(30 * count / widest)}"
-            for bucket, count in self.length_histogram.items()
-        ]
-        if self.path:
-            lines.append(f"  saved in {self.path}")
-        return "\n".join(lines)
+        return "\n".join(lines + summary_details(self, "tokens"))
+
+
+def summary_details(summary, lengths: str) -> list[str]:
+    """The lines a prepare summary ends with: drops by reason, the first of each, a histogram of
+    ``summary.length_histogram`` (``lengths`` says what was measured), and where it was saved."""
+    lines = [f"  dropped {count} × {reason}" for reason, count in summary.dropped.items()]
+    lines += [f"    e.g. {example}" for example in summary.examples]
+    widest = max(summary.length_histogram.values(), default=1)
+    lines.append(f"  length ({lengths}, before truncation):")
+    lines += [
+        f"    {bucket:>13} {count:>7} {'█' * round(30 * count / widest)}"
+        for bucket, count in summary.length_histogram.items()
+    ]
+    if summary.path:
+        lines.append(f"  saved in {summary.path}")
+    return lines
 
 
 def encode_conversations(
@@ -184,19 +191,32 @@ def prepare_dataset(
     }  # fmt: skip
     key = _cache_key(Path(path), tokenizer, settings)
     target = Path(cache_dir or default_cache("datasets")) / f"{Path(path).name.split('.')[0]}-{key}"
-    if (target / SUMMARY_FILE).exists():
-        summary = PrepareSummary(**json.loads((target / SUMMARY_FILE).read_text()))
-        return load_from_disk(str(target)), summary
 
-    source = load_conversations(path, format, lang=lang, threads=threads, strict=strict)
-    dataset, summary = encode_conversations(
-        source.conversations, tokenizer, max_length=max_length, overflow=overflow, num_proc=num_proc
-    )
-    summary.source = str(path)
+    def read_and_encode():
+        source = load_conversations(path, format, lang=lang, threads=threads, strict=strict)
+        encoded = encode_conversations(
+            source.conversations, tokenizer, max_length=max_length, overflow=overflow, num_proc=num_proc
+        )
+        return source, *encoded
+
+    return cached_prepare(target, PrepareSummary, read_and_encode, rows="conversation")
+
+
+def cached_prepare(target: Path, summary_type: type, read_and_encode: Callable, *, rows: str):
+    """The dataset and summary cached in ``target``, or else what ``read_and_encode()`` makes, saved there.
+
+    ``read_and_encode`` returns the reader's result (its left-out records go into the summary), the dataset
+    and its summary. No row left is an error, naming what a row is (``rows``).
+    """
+    if (target / SUMMARY_FILE).exists():
+        summary = summary_type(**json.loads((target / SUMMARY_FILE).read_text()))
+        return load_from_disk(str(target)), summary
+    source, dataset, summary = read_and_encode()
+    summary.source = source.source
     summary.dropped = {**dict(source.dropped.most_common()), **summary.dropped}
     summary.examples = source.examples
-    if not summary.conversations:
-        raise ValueError(f"{path}: no usable conversation left\n{summary}")
+    if not len(dataset):
+        raise ValueError(f"{source.source}: no usable {rows} left\n{summary}")
     summary.path = str(target)
     with atomic_directory(target) as scratch:
         dataset.save_to_disk(str(scratch))
@@ -204,8 +224,18 @@ def prepare_dataset(
     return dataset, summary
 
 
-def prepare_from_config(data, tokenizer, *, max_length: int) -> tuple[Dataset, PrepareSummary]:
-    """``prepare_dataset`` for a ``data`` config node (path, format, overflow, lang, threads, strict, ...)."""
+def prepare_from_config(data, tokenizer, *, max_length: int, objective: str = "sft"):
+    """The prepared dataset for a ``data`` config node (path, format, overflow, lang, threads, strict, ...):
+    chats for ``objective="sft"`` (``prepare_dataset``), preference rows for ``dpo``/``kto``
+    (``data.prepare_preference.prepare_preferences``)."""
+    if objective != "sft":
+        from data.prepare_preference import prepare_preferences  # it builds on this module
+
+        return prepare_preferences(
+            data.path, data.format, tokenizer, objective=objective, max_length=max_length,
+            overflow=data.overflow, lang=data.lang, pairs_per_prompt=data.pairs_per_prompt,
+            min_rank_gap=data.min_rank_gap, strict=data.strict, cache_dir=data.cache_dir,
+        )  # fmt: skip
     return prepare_dataset(
         data.path, data.format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
         threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
@@ -245,7 +275,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
-    _, summary = prepare_from_config(config.data, tokenizer, max_length=config.training.max_length)
+    _, summary = prepare_from_config(
+        config.data, tokenizer, max_length=config.training.max_length, objective=config.stage.name
+    )
     print(summary)
     return 0
 

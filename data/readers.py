@@ -64,12 +64,11 @@ class DataError(ValueError):
 Report = Callable[[str, DataError], None]
 
 
-@dataclass
-class Conversations:
-    """What a reader produced: the conversations, what it left out by reason, and the first of each."""
+@dataclass(kw_only=True)
+class ReadResult:
+    """What a reader left out of ``source``, counted by reason, with the first of each named."""
 
     source: str
-    conversations: list[list[dict]] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
@@ -79,12 +78,24 @@ class Conversations:
             self.examples.append(f"{where}: {detail}")
 
     def summary(self) -> str:
-        lines = [
-            f"{self.source}: {len(self.conversations)} conversations, {sum(self.dropped.values())} dropped"
-        ]
+        lines = [f"{self.source}: {self.found()}, {sum(self.dropped.values())} dropped"]
         lines += [f"  dropped {count} × {reason}" for reason, count in self.dropped.most_common()]
         lines += [f"  e.g. {example}" for example in self.examples]
         return "\n".join(lines)
+
+    def found(self) -> str:
+        """What was read, for the summary's first line."""
+        raise NotImplementedError
+
+
+@dataclass
+class Conversations(ReadResult):
+    """What a reader produced: the conversations, what it left out by reason, and the first of each."""
+
+    conversations: list[list[dict]] = field(default_factory=list)
+
+    def found(self) -> str:
+        return f"{len(self.conversations)} conversations"
 
 
 def load_conversations(
@@ -106,17 +117,23 @@ def load_conversations(
     path = Path(path)
     languages = _checked_arguments(path, format, lang, threads)
     result = Conversations(source=str(path))
+    report = reporter(result, strict)
+    if format in TREE_FORMATS:
+        _add_tree_threads(path, format, result, report, languages, threads)
+    else:
+        _add_records(path, _RECORD_PARSERS[format], result, report)
+    return result
+
+
+def reporter(result: ReadResult, strict: bool) -> Report:
+    """The ``report(where, error)`` a reader hands down: count and name on ``result``, or raise if strict."""
 
     def report(where: str, error: DataError) -> None:
         if strict:
             raise DataError(error.reason, f"{where}: {error.detail} ({_STRICT_FIX})")
         result.drop(where, error.reason, error.detail)
 
-    if format in TREE_FORMATS:
-        _add_tree_threads(path, format, result, report, languages, threads)
-    else:
-        _add_records(path, _RECORD_PARSERS[format], result, report)
-    return result
+    return report
 
 
 def _checked_arguments(path: Path, format: str, lang: Sequence[str] | None, threads: str) -> set[str] | None:
@@ -127,15 +144,29 @@ def _checked_arguments(path: Path, format: str, lang: Sequence[str] | None, thre
         )
     if threads not in oasst.THREAD_POLICIES:
         raise DataError("unknown threads", f"data.threads: {threads!r} is not one of best, all")
-    if format not in TREE_FORMATS and (lang is not None or threads != "best"):
-        setting = "data.lang" if lang is not None else "data.threads=all"
+    check_tree_settings(format, {"data.lang": lang is not None, "data.threads=all": threads != "best"})
+    checked_file(path)
+    return checked_languages(lang)
+
+
+def check_tree_settings(format: str, given: dict[str, bool]) -> None:
+    """Raise, naming the first of ``given`` that is set, when ``format`` is no OpenAssistant tree format."""
+    setting = next((name for name, is_set in given.items() if is_set), None)
+    if format not in TREE_FORMATS and setting is not None:
         raise DataError(
             "not a tree format",
             f"{setting} applies to OpenAssistant trees ({', '.join(TREE_FORMATS)}), not format {format!r}; "
             "remove it",
         )
+
+
+def checked_file(path: Path) -> None:
     if not path.is_file():
         raise DataError("missing file", f"{path}: no such file; set data.path to a local file")
+
+
+def checked_languages(lang: str | Sequence[str] | None) -> set[str] | None:
+    """``data.lang`` as a set (None keeps every language); an empty list is an error."""
     if lang is None:
         return None
     languages = {lang} if isinstance(lang, str) else set(lang)
@@ -147,7 +178,7 @@ def _checked_arguments(path: Path, format: str, lang: Sequence[str] | None, thre
 
 
 # ── files → records ─────────────────────────────────────────────────────────────────
-def _records(path: Path, report: Report) -> Iterator[tuple[str, Any]]:
+def read_records(path: Path, report: Report) -> Iterator[tuple[str, Any]]:
     """Each record of ``path`` with where it is; JSON lines that cannot be decoded are reported.
 
     A JSON list or parquet file that cannot be decoded at all raises, whatever ``strict`` says.
@@ -224,7 +255,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 # ── one record, one conversation: messages, ChatML, guanaco ──────────────────────────
 def _add_records(path: Path, parse: Callable[[Any], list[dict]], result: Conversations, report: Report):
-    for where, record in _records(path, report):
+    for where, record in read_records(path, report):
         try:
             messages = _conversation(parse(record))
         except DataError as error:
@@ -319,6 +350,16 @@ _RECORD_PARSERS = {"messages": _messages_record, "oasst_top1": _chatml_record, "
 
 # ── OpenAssistant trees: many records, many threads (data.oasst) ─────────────────────
 def _add_tree_threads(path: Path, format: str, result: Conversations, report: Report, languages, threads):
+    roots, left_out = read_trees(path, format, result, report)
+    result.conversations += oasst.conversations(roots, languages, threads, left_out)
+
+
+def read_trees(
+    path: Path, format: str, result: ReadResult, report: Report
+) -> tuple[list[oasst.Message], oasst.LeftOut]:
+    """The trees of an OpenAssistant export (``format`` in TREE_FORMATS), not yet pruned, and the
+    ``left_out`` callback for ``data.oasst``: by-design reasons are counted on ``result``, never raised."""
+
     def left_out(where: str, reason: str, detail: str) -> None:
         if reason in oasst.BY_DESIGN:  # counted, but no error even in strict mode
             result.drop(where, reason, detail)
@@ -326,5 +367,4 @@ def _add_tree_threads(path: Path, format: str, result: Conversations, report: Re
             report(where, DataError(reason, detail))
 
     read_roots = oasst.flat_roots if format == "oasst_messages" else oasst.nested_roots
-    roots = read_roots(_records(path, report), left_out)
-    result.conversations += oasst.conversations(roots, languages, threads, left_out)
+    return read_roots(read_records(path, report), left_out), left_out

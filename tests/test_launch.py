@@ -235,6 +235,16 @@ def test_qlora_under_fsdp_shards_its_4bit_weights(tmp_path):
 
 
 @pytest.mark.slow
+def test_dpo_under_fsdp_is_sharded_too(tmp_path):
+    """Every stage's trainer shards on CPU (train/trainer.py ShardedOnCpu), not only SFT's."""
+    run_dir, log = launched(tmp_path, "fsdp", "stage=dpo", "data=preference_sample", "training.max_steps=2")
+    assert "launch=fsdp: 2 process(es), engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, " in log
+    assert "37/37 parameters DTensor shards" in log
+    assert len(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 16
+    assert list(losses(run_dir)) == [1, 2]
+
+
+@pytest.mark.slow
 def test_multirun_sweep_writes_each_point_and_a_summary(tmp_path):
     grid = ["-m", "method=lora,full", "training.max_steps=2", "training.report_to=[]"]
     result = run_train(*grid, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)

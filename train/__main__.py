@@ -3,6 +3,7 @@
     python -m train                                   # tiny model, LoRA, shipped sample: ~1 min on CPU
     python -m train method=full training.max_steps=10
     python -m train model=8b model.path=/ckpt/Llama-3.1-8B data.path=/data/chat.jsonl
+    python -m train stage=dpo data=preference_sample stage.init_from=outputs/<sft run>   # DPO after SFT
 
 Outputs land in ``outputs/<date>/<time>/``: config.yaml, metrics.jsonl, loss.png,
 adapter/ (or model/ for full fine-tuning), checkpoints/, wandb/.
@@ -56,10 +57,11 @@ def main(cfg: DictConfig) -> None:
         )
         sys.exit(2)
 
-    from data import load_tokenizer, prepare_from_config
+    from data import DataError, load_tokenizer, prepare_from_config
     from train.checkpoints import STOP_FILE
     from train.model import build_model, compute_dtype
     from train.outputs import LOSS_PLOT_FILE, METRICS_FILE, final_dir, plot_loss, save_resolved_config
+    from train.preference import build_preference_trainer, init_model
     from train.trainer import build_trainer, resume_checkpoint
 
     save_resolved_config(cfg, run_dir)
@@ -69,15 +71,28 @@ def main(cfg: DictConfig) -> None:
     # ── tokenizer ──────────────────────────────────────────────────────────────
     tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
 
-    # ── data: the prepared dataset (Llama 3.1 tokens + assistant masks), cached ──
-    dataset, summary = prepare_from_config(config.data, tokenizer, max_length=config.training.max_length)
+    # ── data: the prepared dataset (Llama 3.1 tokens + assistant masks, or preference rows), cached ──
+    stage = config.stage.name
+    try:
+        dataset, summary = prepare_from_config(
+            config.data, tokenizer, max_length=config.training.max_length, objective=stage
+        )
+    except DataError as error:  # a missing file or field, a bad record with data.strict: no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     log.info("data: %s", summary)
 
-    # ── model: base weights; the LoRA adapter is applied by the trainer ────────
-    model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method)
+    # ── model: base weights (or the run it starts from); the LoRA adapter is applied by the trainer ──
+    if config.stage.init_from is None:
+        model = build_model(
+            config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method
+        )
+    else:
+        model = init_model(config, tokenizer, dtype)
 
-    # ── train ──────────────────────────────────────────────────────────────────
-    trainer = build_trainer(config, model, tokenizer, dataset, run_dir, dtype)  # checks its launch at step 0
+    # ── train: SFTTrainer, or DPOTrainer / KTOTrainer; each checks its launch at step 0 ──
+    build = build_trainer if stage == "sft" else build_preference_trainer
+    trainer = build(config, model, tokenizer, dataset, run_dir, dtype)
     resume = resume_checkpoint(config, run_dir)
     if resume:
         log.info("resuming from %s", resume)

@@ -18,6 +18,22 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 METHODS = ("full", "lora", "qlora")
+STAGES = ("sft", "dpo", "kto")
+# What each stage trains on (data.readers.FORMATS, data.preference.PREFERENCE_FORMATS): OpenAssistant trees
+# give chat threads to SFT and ranked reply pairs to DPO/KTO; KTO also takes pairs, unpaired as TRL does.
+STAGE_FORMATS = {
+    "sft": ("messages", "oasst_messages", "oasst_trees", "oasst_top1", "guanaco"),
+    "dpo": ("preference", "oasst_messages", "oasst_trees"),
+    "kto": ("kto", "preference", "oasst_messages", "oasst_trees"),
+}
+# Stage settings under TRL's DPOConfig / KTOConfig names, and the stages that have each.
+STAGE_SETTINGS = {
+    "beta": ("dpo", "kto"),
+    "loss_type": ("dpo", "kto"),
+    "label_smoothing": ("dpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+}
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -80,6 +96,8 @@ class DataConfig:
     overflow: str = "truncate"  # conversations over training.max_length: truncate or drop
     num_proc: int = MISSING  # processes encoding the source (datasets' map)
     cache_dir: str | None = None  # prepared datasets; None: $XDG_CACHE_HOME/llama31-finetune/datasets
+    pairs_per_prompt: int | None = None  # dpo/kto on OpenAssistant trees: pairs per prompt (None: all)
+    min_rank_gap: int = 1  # dpo/kto on OpenAssistant trees: replies this many ranks apart make a pair
 
 
 @dataclass
@@ -116,7 +134,7 @@ class LaunchConfig:
 
 @dataclass
 class TrainingConfig:
-    """Settings passed to TRL's ``SFTConfig`` under the same names."""
+    """Settings passed to TRL's ``SFTConfig`` (stage=dpo/kto: ``DPOConfig``/``KTOConfig``) by name."""
 
     seed: int = MISSING
     max_steps: int = MISSING
@@ -143,6 +161,24 @@ class TrainingConfig:
 
 
 @dataclass
+class StageConfig:
+    """What trains: ``sft`` (TRL's SFTTrainer), ``dpo`` (DPOTrainer) or ``kto`` (KTOTrainer).
+
+    The preference settings are ``DPOConfig``/``KTOConfig`` fields under their own names (``STAGE_SETTINGS``);
+    None where the stage has no such setting.
+    """
+
+    name: str = "sft"  # a default, not MISSING: run directories written before stages existed are sft runs
+    init_from: str | None = None  # dpo/kto: a finished run directory to start from (its adapter/ or model/)
+    init_config: str | None = None  # the config.yaml of init_from's run, resolved from it (a record)
+    beta: float | None = None
+    loss_type: Any = None  # dpo: a list of DPOConfig loss types; kto: kto or apo_zero_unpaired
+    label_smoothing: float | None = None
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # offline needs no account and no network; `wandb sync` uploads later
     project: str = MISSING
@@ -156,6 +192,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = MISSING
 
@@ -182,10 +219,16 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=[*overrides, "output_dir=unused"])
 
 
+def run_config_path(run_dir: str | None) -> str | None:
+    """``${run_config:dir}`` in configs: the absolute path of a run directory's config.yaml, or None."""
+    return None if run_dir is None else str(Path(run_dir).resolve() / "config.yaml")
+
+
 def register_configs() -> None:
     """Make the schema the base of ``conf/config.yaml`` (its defaults list names ``schema``)."""
     ConfigStore.instance().store(name="schema", node=Config)
     OmegaConf.register_new_resolver("sample", sample_path, replace=True)
+    OmegaConf.register_new_resolver("run_config", run_config_path, replace=True)
 
 
 def validate(config: Config) -> list[str]:
@@ -248,6 +291,123 @@ def validate(config: Config) -> list[str]:
             "(python -m train.plan)"
         )
     problems += _launch_problems(config.launch)
+    problems += _stage_problems(config)
+    return problems
+
+
+def _stage_problems(config: Config) -> list[str]:
+    """The stage against its data, settings and starting run."""
+    stage, data, training = config.stage, config.data, config.training
+    if stage.name not in STAGES:
+        return [f"stage.name: {stage.name!r} is not one of {', '.join(STAGES)}"]
+    problems = []
+    if data.format not in STAGE_FORMATS[stage.name]:
+        problems.append(_format_problem(stage.name, data))
+    if stage.name == "sft":
+        mined = {
+            "data.pairs_per_prompt": data.pairs_per_prompt is not None,
+            "data.min_rank_gap": data.min_rank_gap != 1,
+        }
+        problems += [
+            f"{key}: mines preference pairs from OpenAssistant trees, for stage=dpo or kto; remove it"
+            for key, is_set in mined.items()
+            if is_set
+        ]
+    else:
+        if training.packing:
+            problems.append(
+                f"training.packing: SFT only; stage={stage.name} trains on whole prompt + completion rows"
+            )
+        if data.threads != "best":
+            problems.append(
+                f"data.threads: stage={stage.name} mines pairs at every prompt of a tree; remove it"
+            )
+    for key, stages in STAGE_SETTINGS.items():
+        value = getattr(stage, key)
+        if value is not None and stage.name not in stages:
+            problems.append(
+                f"stage.{key}: not a setting of stage={stage.name} (it is {', '.join(stages)}'s); remove it"
+            )
+        if value is None and stage.name in stages:
+            problems.append(f"stage.{key}: required for {stage.name}; set it in conf/stage/{stage.name}.yaml")
+    if stage.name == "kto" and stage.loss_type == "kto" and training.per_device_train_batch_size < 2:
+        problems.append(
+            "training.per_device_train_batch_size: KTO estimates its KL term from each prompt with another "
+            "completion of the same batch, so it needs at least 2 (TRL's KTOTrainer refuses 1)"
+        )
+    if stage.init_from is not None:
+        problems += _init_problems(config)
+    return problems
+
+
+def _format_problem(stage: str, data: DataConfig) -> str:
+    """Why ``stage`` cannot train on ``data``, and what would."""
+    format = data.format
+    holds = {"preference": "preference pairs", "kto": "labelled completions (KTO)"}.get(format, "chats")
+    other = next((name for name in STAGES if format in STAGE_FORMATS[name]), None)
+    fix = f"use such data, or stage={other}" if other else f"use one of {', '.join(STAGE_FORMATS[stage])}"
+    return (
+        f"data.format: data={data.name} is {format!r}, which holds {holds}, but stage={stage} trains on "
+        f"{_STAGE_DATA[stage]}; {fix}"
+    )
+
+
+_STAGE_DATA = {
+    "sft": "chats (data=sample, or the threads of OpenAssistant trees)",
+    "dpo": "preference pairs (data=preference_sample, or pairs mined from OpenAssistant trees)",
+    "kto": "labelled completions (data=kto_sample) or pairs, which it unpairs",
+}
+
+
+# What must agree between a run and the run it starts from: the architecture its weights have.
+_ARCHITECTURE = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "tie_word_embeddings",
+)  # fmt: skip
+
+
+def _init_problems(config: Config) -> list[str]:
+    """``stage.init_from``: a finished run, whose model this run's model and method can start from."""
+    from train.export import run_config  # reads the run's config.yaml with this schema
+
+    stage, model, method = config.stage, config.model, config.method
+    start = Path(stage.init_from)
+    key = "stage.init_from"
+    if stage.name == "sft":
+        return [f"{key}: starting from another run is for stage=dpo or kto; remove it"]
+    if not start.is_dir():
+        return [f"{key}: {start} is not a directory; point it at a finished SFT run (outputs/<date>/<time>)"]
+    if not (start / "config.yaml").is_file():
+        return [
+            f"{key}: {start} has no config.yaml, so it is no run directory; point it at a finished SFT run"
+        ]
+    try:
+        previous = run_config(start)
+    except ConfigError as error:
+        return [f"{key}: {start}/config.yaml does not load with this schema: {error}"]
+    adapter, weights = start / "adapter" / "adapter_config.json", start / "model"
+    if previous.method.name == "full" and not any(weights.glob("*.safetensors")):
+        return [f"{key}: {start} has no model/*.safetensors; did the run finish?"]
+    if previous.method.name != "full" and not adapter.is_file():
+        return [f"{key}: {start} has no adapter/adapter_config.json; did the run finish?"]
+    problems = [
+        f"{key}: {start} trained model={previous.model.name}, {name} {getattr(previous.model, name)}, but "
+        f"this run's model={model.name} has {getattr(model, name)}; use model={previous.model.name}"
+        for name in _ARCHITECTURE
+        if getattr(previous.model, name) != getattr(model, name)
+    ]
+    if previous.method.name != "full" and method.name not in (previous.method.name, "full"):
+        problems.append(
+            f"method: {start} trained a {previous.method.name} adapter, which goes on training with "
+            f"method={previous.method.name} (or is merged for method=full), not method={method.name}"
+        )
+    base = start / "model" if previous.method.name == "full" else previous.model.path
+    if model.path is not None and (base is None or Path(model.path).resolve() != Path(base).resolve()):
+        problems.append(
+            f"model.path: {model.path}, but {start} starts this run from {base or 'random weights'}; "
+            "leave model.path unset (the run it starts from brings its base)"
+        )
     return problems
 
 

@@ -2,21 +2,23 @@
 
     python -m train.export run=outputs/2026-11-26/10-00-00 [out=<dir>]
 
-The base is the run's own (``model.path``, or the random weights its seed rebuilds). For
-QLoRA the adapter was trained against the 4-bit weights, so those are what it is merged into:
-the base loads in 4-bit as in training and is dequantized first, so the merged model computes
-what the trained one did. The result (safetensors, config, tokenizer) loads with
-``AutoModelForCausalLM.from_pretrained`` and needs neither peft nor bitsandbytes.
+The base is the run's own (``model.path``, or the random weights its seed rebuilds; for a run started
+from another run, that run's weights or base: ``base_of``). For QLoRA the adapter was trained against
+the 4-bit weights, so those are what it is merged into: the base loads in 4-bit as in training and is
+dequantized first, so the merged model computes what the trained one did. The result (safetensors,
+config, tokenizer) loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither peft nor
+bitsandbytes.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from train.config import Config, ConfigError, load_config
+from train.config import Config, ConfigError, ModelConfig, load_config
 from train.outputs import CONFIG_FILE, final_dir
 
 
@@ -26,6 +28,22 @@ def run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; run= must name a run directory (outputs/<date>/<time>)")
     return load_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)), check=False)
+
+
+def base_of(config: Config) -> tuple[ModelConfig, int]:
+    """The model config and seed that rebuild the weights a run started on: its own base, or, for a run
+    started from another (``stage.init_from``), that run's ``model/`` (full) or, in turn, its base (adapters).
+
+    Only ``path`` is taken from the other run; the architecture is the same (``train.config.validate``).
+    """
+    if config.stage.init_from is None:
+        return config.model, config.training.seed
+    start = Path(config.stage.init_from)
+    previous = run_config(start)
+    if previous.method.name == "full":
+        return replace(config.model, path=str(final_dir(start, "full"))), config.training.seed
+    base, seed = base_of(previous)
+    return replace(config.model, path=base.path), seed
 
 
 def adapter_model(run_dir: Path):
@@ -42,9 +60,10 @@ def adapter_model(run_dir: Path):
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter}: no adapter_config.json; did the run finish?")
     tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
-    dtype, seed = compute_dtype(config.model.dtype), config.training.seed
+    dtype = compute_dtype(config.model.dtype)
+    base_config, seed = base_of(config)
     if config.method.load_in_4bit:
-        quantized = load_4bit(config.model, tokenizer, dtype=dtype, seed=seed, method=config.method)
+        quantized = load_4bit(base_config, tokenizer, dtype=dtype, seed=seed, method=config.method)
         # Dequantize to the dtype the 4-bit forward dequantizes to (bitsandbytes' quant state), so the
         # merged weights are the ones training saw, then compute in the run's dtype.
         state = next(
@@ -54,7 +73,7 @@ def adapter_model(run_dir: Path):
         )
         base = quantized.dequantize(dtype=state.dtype).to(dtype)
     else:
-        base = build_model(config.model, tokenizer, dtype=dtype, seed=seed)
+        base = build_model(base_config, tokenizer, dtype=dtype, seed=seed)
     return PeftModel.from_pretrained(base, adapter), tokenizer
 
 

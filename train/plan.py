@@ -3,6 +3,7 @@
     python -m train.plan model=8b method=qlora                  # seq_len, batch, GPU size from conf/
     python -m train.plan model=405b method=full gpu_memory=80GB
     python -m train.plan model=70b method=lora launch=zero3 seq_len=4096 batch=2 output=json
+    python -m train.plan model=8b method=full stage=dpo data=preference_sample  # + DPO's reference model
 
 Everything is derived from the architecture in ``conf/model/`` and the run's settings, following
 what this project's stack does (transformers, peft, TRL, bitsandbytes, torch/DeepSpeed optimizers);
@@ -18,6 +19,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from train.config import STRATEGIES, Config, LaunchConfig, MethodConfig, ModelConfig
 
@@ -182,6 +184,42 @@ def lm_head_bytes(model: ModelConfig, method: MethodConfig, tokens: int) -> int:
 _WORKING = ("gradients", "activations", "lm_head_loss", "step_temporaries")
 
 
+# ── the reference model of DPO/KTO ──────────────────────────────────────────────────────
+# What a preference stage keeps to score its reference policy (train/preference.py), in words.
+REFERENCES = {
+    "none": "none (stage=sft has no reference model)",
+    "weights": "a second, frozen copy of the weights in the compute dtype (full fine-tuning's ref_model)",
+    "base": "none in memory: the base with the LoRA adapter disabled (peft), the run's starting model",
+    "adapter": "a frozen fp32 copy of the adapter the run starts from (TRL's 'ref' adapter); base shared",
+}
+
+
+def reference_model(config: Config) -> str:
+    """Which ``REFERENCES`` entry a run keeps, given its stage, method and ``stage.init_from``."""
+    if config.stage.name == "sft":
+        return "none"
+    if config.method.name == "full":
+        return "weights"
+    init_from = config.stage.init_from
+    return "adapter" if init_from and (Path(init_from) / "adapter").is_dir() else "base"
+
+
+def step_tokens(seq_len: int, batch: int, stage: str) -> int:
+    """Tokens one forward with gradients holds: DPO scores chosen and rejected of ``batch`` pairs together
+    (2 x batch sequences); KTO's reference and KL forwards keep no activations."""
+    return seq_len * batch * (2 if stage == "dpo" else 1)
+
+
+def reference_bytes(model: ModelConfig, method: MethodConfig, reference: str) -> int:
+    """The reference model's memory, before any sharding: the weights in the compute dtype, an fp32
+    adapter (peft creates adapters in fp32), or nothing."""
+    if reference == "weights":
+        return DTYPE_BYTES[model.dtype] * count_parameters(model)
+    if reference == "adapter":
+        return DTYPE_BYTES["float32"] * lora_parameters(model, method)
+    return 0
+
+
 # ── per GPU under a launch strategy ─────────────────────────────────────────────────────
 def per_gpu_bytes(
     model: ModelConfig,
@@ -192,9 +230,12 @@ def per_gpu_bytes(
     tokens: int,
     optim: str,
     accumulation: int = 1,
+    reference: str = "none",
 ) -> dict[str, int]:
     """Each part of one GPU's memory, and the ``peak``: the resident states plus the larger of the
     backward's working set (activations, LM head) and the optimizer step (gradients, temporaries).
+    ``reference``: the DPO/KTO reference model kept beside it (``REFERENCES``), sharded like the weights
+    (TRL prepares it with the same FSDP/ZeRO-3 engine; ZeRO-3 offload keeps it in CPU memory).
 
     The trainer frees gradients after each step (``zero_grad(set_to_none=True)``), and they grow as
     the backward frees activations, so the two phases do not add up; with ``accumulation`` > 1 the
@@ -220,12 +261,13 @@ def per_gpu_bytes(
         "master": trainable * per_param.master,
         "optimizer": trainable * per_param.optimizer,
         "step_temporaries": trainable * per_param.step_temp,
+        "reference": reference_bytes(model, method, reference),
     }
     if strategy in ("zero3", "zero3_offload"):  # bf16 gradients exist only in the gathered unit
         states["gradients"] = 0
     shards = gpus if strategy in SHARDED else 1
     if strategy == "zero2":
-        shards_of = {**dict.fromkeys(states, gpus), "weights": 1}
+        shards_of = {**dict.fromkeys(states, gpus), "weights": 1, "reference": 1}
     else:
         shards_of = dict.fromkeys(states, shards)
     parts = {key: -(-value // shards_of[key]) for key, value in states.items()}
@@ -276,6 +318,7 @@ def recommend(
     accumulation: int = 1,
     usable_fraction: float = 0.9,
     gpus_per_node: int = 8,
+    reference: str = "none",
 ) -> Recommendation | None:
     """The fewest GPUs of this size that fit the run, and the first strategy (in ``STRATEGIES`` order:
     single, ddp, zero2, fsdp, zero3) that fits there; ZeRO-3 offload only when none fits at any count.
@@ -288,8 +331,9 @@ def recommend(
 
     def peak(strategy: str, gpus: int) -> int:
         parts = per_gpu_bytes(
-            model, method, strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation
-        )
+            model, method, strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
+            reference=reference,
+        )  # fmt: skip
         return parts["peak"]
 
     def rec(strategy: str, gpus: int) -> Recommendation:
@@ -329,6 +373,8 @@ class MemoryPlan:
     optim: str
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
+    stage: str
+    reference: str  # a REFERENCES key
     params: int
     trainable_params: int
     weights_bytes: dict[str, int]
@@ -363,18 +409,21 @@ def plan_memory(
     accumulation: int = 1,
     gpu_memory_bytes: int | None = None,
     usable_fraction: float = 0.9,
+    stage: str = "sft",
+    reference: str = "none",
 ) -> MemoryPlan:
     """The plan for this run on ``launch`` (its strategy, its num_processes x num_machines GPUs, and
     ``gpu_memory_bytes``, default ``launch.gpu_memory_gb`` GiB), plus the smallest launch that fits.
 
-    ``usable_fraction``: see ``recommend``.
+    ``usable_fraction``: see ``recommend``; ``stage``: ``step_tokens``; ``reference``: ``per_gpu_bytes``.
     """
     gpus = launch.num_processes * launch.num_machines
-    tokens = seq_len * batch
+    tokens = step_tokens(seq_len, batch, stage)
     memory = gpu_memory_bytes if gpu_memory_bytes is not None else int(launch.gpu_memory_gb * GIB)
     parts = per_gpu_bytes(
-        model, method, launch.strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation
-    )
+        model, method, launch.strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
+        reference=reference,
+    )  # fmt: skip
     kv = kv_cache_bytes_per_token(model)
     trainable = count_parameters(model) if method.name == "full" else lora_parameters(model, method)
     checkpointing = {
@@ -385,7 +434,8 @@ def plan_memory(
         model=model.name, method=method.name, launch=launch.name, strategy=launch.strategy, gpus=gpus,
         nodes=launch.num_machines, seq_len=seq_len, batch=batch, optim=optim,
         gradient_accumulation_steps=accumulation, gradient_checkpointing=model.gradient_checkpointing,
-        params=count_parameters(model), trainable_params=trainable, weights_bytes=weight_bytes(model),
+        stage=stage, reference=reference, params=count_parameters(model), trainable_params=trainable,
+        weights_bytes=weight_bytes(model),
         kv_cache_bytes_per_token=kv,
         kv_cache_bytes={t: t * kv for t in KV_TABLE_TOKENS}, activations_bytes=checkpointing,
         logits_unfused_bytes=tokens * model.vocab_size * 4,
@@ -394,7 +444,8 @@ def plan_memory(
         gpu_memory_bytes=memory, usable_bytes=int(usable_fraction * memory),
         fits=parts["peak"] <= usable_fraction * memory,
         recommended=recommend(model, method, tokens=tokens, optim=optim, gpu_memory_bytes=memory,
-                              accumulation=accumulation, usable_fraction=usable_fraction),
+                              accumulation=accumulation, usable_fraction=usable_fraction,
+                              reference=reference),
         assumptions=_assumptions(model, method, launch.strategy, optim, usable_fraction),
     )  # fmt: skip
 
@@ -424,6 +475,11 @@ def gib(size: int | float, digits: int = 2) -> str:
     return f"{size / GIB:,.{digits}f} GiB"
 
 
+def _reference_line(plan: MemoryPlan) -> str:
+    size = plan.per_gpu_bytes.get("reference", 0)
+    return f"reference model   {gib(size):>17}  per GPU: {REFERENCES[plan.reference]}"
+
+
 def format_plan(plan: MemoryPlan) -> str:
     """The plan as a table a person reads; the same figures as ``to_dict``."""
     rec = plan.recommended
@@ -431,7 +487,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"Llama 3.1 {plan.model} · {plan.method} · launch={plan.launch} ({plan.strategy}, {plan.gpus} GPU"
         f"{'s' * (plan.gpus > 1)} of {gib(plan.gpu_memory_bytes)}) · seq_len {plan.seq_len} x batch "
         f"{plan.batch} (x{plan.gradient_accumulation_steps} accumulation) · {plan.optim} · gradient "
-        f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        f"checkpointing {'on' if plan.gradient_checkpointing else 'off'} · stage={plan.stage}",
         "",
         f"parameters        {plan.params:>17,}",
         f"trainable         {plan.trainable_params:>17,}  ({plan.trainable_params / plan.params:.2%})",
@@ -446,6 +502,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"activations       {gib(plan.activations_bytes['with_checkpointing']):>17}  with checkpointing, "
         f"{gib(plan.activations_bytes['without_checkpointing'])} without; full fp32 logits would add "
         f"{gib(plan.logits_unfused_bytes)}",
+        *([_reference_line(plan)] if plan.stage != "sft" else []),
         "",
         "per GPU at the peak:",
         *(f"  {part:<16}{gib(size):>17}" for part, size in plan.per_gpu_bytes.items() if size),
@@ -486,6 +543,7 @@ def fit_problems(config: Config, usable_fraction: float = 0.9) -> list[str]:
         model, method, launch, seq_len=config.training.max_length,
         batch=config.training.per_device_train_batch_size, optim=config.training.optim,
         accumulation=config.training.gradient_accumulation_steps, usable_fraction=usable_fraction,
+        stage=config.stage.name, reference=reference_model(config),
     )  # fmt: skip
     figures = (
         f"planner figures: peak {gib(plan.peak_bytes_per_gpu)} per GPU vs {gib(plan.usable_bytes)} usable "
@@ -509,8 +567,8 @@ def fit_problems(config: Config, usable_fraction: float = 0.9) -> list[str]:
 
 def _fits(plan, model, method, strategy, launch, usable_fraction) -> bool:
     parts = per_gpu_bytes(
-        model, method, strategy, plan.gpus, tokens=plan.seq_len * plan.batch, optim=plan.optim,
-        accumulation=plan.gradient_accumulation_steps,
+        model, method, strategy, plan.gpus, tokens=step_tokens(plan.seq_len, plan.batch, plan.stage),
+        optim=plan.optim, accumulation=plan.gradient_accumulation_steps, reference=plan.reference,
     )  # fmt: skip
     return parts["peak"] <= usable_fraction * plan.gpu_memory_bytes
 
@@ -564,7 +622,7 @@ def main(argv: list[str]) -> int:
         plan = plan_memory(
             config.model, config.method, config.launch, seq_len=seq_len, batch=batch,
             optim=config.training.optim, accumulation=config.training.gradient_accumulation_steps,
-            gpu_memory_bytes=memory,
+            gpu_memory_bytes=memory, stage=config.stage.name, reference=reference_model(config),
         )  # fmt: skip
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -58,7 +58,22 @@ def configure_wandb(config: Config, run_dir: Path) -> None:
         os.environ["WANDB_ENTITY"] = config.wandb.entity
 
 
-class LlamaSFTTrainer(SFTTrainer):
+class ShardedOnCpu(Trainer):
+    """Mixed into every stage's trainer: FSDP shards on CPU too (``shard_with_fsdp_on_cpu``), and the
+    final save gathers whole weights while checkpoints stay sharded."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self.is_fsdp_enabled = self.is_fsdp_enabled or shard_with_fsdp_on_cpu(self.accelerator, self.args)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.is_fsdp_enabled and not _internal_call:
+            # checkpoints stay sharded; the final adapter/ or model/ gathers full weights, to load anywhere
+            self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        super().save_model(output_dir, _internal_call)
+
+
+class LlamaSFTTrainer(ShardedOnCpu, SFTTrainer):
     """TRL's SFTTrainer, with the model's own cross-entropy on CPU.
 
     TRL scores the LM head with a chunked kernel that is a fused Triton kernel on GPU but a
@@ -76,20 +91,10 @@ class LlamaSFTTrainer(SFTTrainer):
         self.model_loss = self.args.use_cpu and not cpu_fused_lm_head
         keep_adapter_in_compute_dtype(self.model, compute_dtype)
 
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        self.is_fsdp_enabled = self.is_fsdp_enabled or shard_with_fsdp_on_cpu(self.accelerator, self.args)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.model_loss:
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.is_fsdp_enabled and not _internal_call:
-            # checkpoints stay sharded; the final adapter/ or model/ gathers full weights, to load anywhere
-            self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-        super().save_model(output_dir, _internal_call)
 
 
 def keep_adapter_in_compute_dtype(model, compute_dtype: torch.dtype) -> None:

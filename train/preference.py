@@ -1,0 +1,188 @@
+"""DPO and KTO: TRL's DPOTrainer / KTOTrainer on our prepared preference rows, with the run's callbacks.
+
+``data.prepare_preference`` writes the rows these trainers collate (``prompt_ids`` + ``chosen_ids`` /
+``rejected_ids``, or ``completion_ids`` + ``label``), token-exact with our Llama 3.1 encoder and already
+cut to ``max_length``. TRL 1.16 has no pre-tokenized path: both trainers' ``__init__`` always call
+``_prepare_dataset``, which renders and tokenizes ``prompt``/``chosen``/... text again
+(trl/trainer/dpo_trainer.py, kto_trainer.py). Here it returns our rows as they are; KTO adds only
+``KL_completion_ids``, exactly as TRL would.
+
+The reference model is the starting model, frozen. LoRA/QLoRA: none in memory; TRL scores the reference
+with the adapter disabled (a new adapter), or with a frozen copy of the adapter a run starts from
+(``stage.init_from``: TRL's "ref" adapter). Full fine-tuning: a second copy of the weights, made here,
+since TRL would reload it from ``model.config._name_or_path``, which a model built from the architecture
+does not have.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import PeftModel
+from transformers import PreTrainedModel
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
+
+from train.config import STAGE_SETTINGS, Config
+from train.export import base_of, merged_model, run_config
+from train.model import build_model, build_peft_config
+from train.outputs import METRICS_FILE, MetricsJsonl, final_dir
+from train.trainer import ShardedOnCpu, configure_wandb, keep_adapter_in_compute_dtype, trl_config, watch_run
+
+
+class LlamaDPOTrainer(ShardedOnCpu, DPOTrainer):
+    """TRL's DPOTrainer on rows with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``."""
+
+    def __init__(self, *args, compute_dtype: torch.dtype, cpu_fused_lm_head: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        _after_init(self, compute_dtype, cpu_fused_lm_head)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+
+class LlamaKTOTrainer(ShardedOnCpu, KTOTrainer):
+    """TRL's KTOTrainer on rows with ``prompt_ids``, ``completion_ids``, ``label``."""
+
+    def __init__(self, *args, compute_dtype: torch.dtype, cpu_fused_lm_head: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        _after_init(self, compute_dtype, cpu_fused_lm_head)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not self.calculate_KL:
+            return dataset
+        # TRL's KL estimate: each prompt with the completion before it in the same batch of
+        # per_device_train_batch_size rows, (x1, y_n), (x2, y1), ... (kto_trainer.py, _prepare_dataset);
+        # KTOConfig samples in order (train_sampling_strategy="sequential") so batches stay as built.
+        with global_then_local_main_first():
+            return dataset.map(
+                _rotated_completions,
+                batched=True,
+                batch_size=args.per_device_train_batch_size,
+                desc=f"Extracting KL {dataset_name} dataset",
+            )
+
+
+def _rotated_completions(batch: dict) -> dict:
+    completions = batch["completion_ids"]
+    return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+
+
+def _after_init(
+    trainer: DPOTrainer | KTOTrainer, compute_dtype: torch.dtype, cpu_fused_lm_head: bool
+) -> None:
+    """What TRL's __init__ decided that a run on this device undoes: the bf16 QLoRA adapter, and on CPU
+    the chunked LM-head kernel (``score_with_model_logits``)."""
+    keep_adapter_in_compute_dtype(trainer.model, compute_dtype)
+    if isinstance(trainer.model, PeftModel) and "ref" in trainer.model.peft_config:
+        # A starting adapter (init_model): TRL copied it to "ref" before casting a quantized model's adapter
+        # to bf16, so the frozen copy holds its exact values; the trained one starts from them again (step 0:
+        # policy == reference, to the bit).
+        for name, parameter in trainer.model.named_parameters():
+            if ".default." in name:
+                parameter.data.copy_(trainer.model.get_parameter(name.replace(".default.", ".ref.")).data)
+    if trainer.args.use_cpu and not cpu_fused_lm_head:
+        policy = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
+        for model in (policy, trainer.ref_model):
+            if model is not None:
+                score_with_model_logits(trainer.accelerator.unwrap_model(model))
+
+
+def score_with_model_logits(model: PreTrainedModel) -> None:
+    """Score ``model(..., labels=..., fused_lm_head=True)`` with one plain LM-head matmul, for CPU.
+
+    TRL's DPO/KTO trainers patch the model (``trl.trainer.utils.add_fused_lm_head``) to score the LM head
+    in [tokens x 32,768] tiles that never hold the full logits: a Triton kernel on GPU that scores only the
+    labelled positions, but on CPU a plain-torch loop over every position (prompt and padding included)
+    that recomputes each tile in backward. Here, as TRL's GPU path does, only the labelled (completion)
+    positions reach the LM head, in one matmul, and their log-probs come from one cross-entropy; the
+    metrics' fields (entropy, mean logit, top-1 hit) from the same logits without gradient. The result is
+    TRL's ``FusedCausalLMOutput``, zero where the label is -100, as the trainers expect.
+    """
+    forward = type(model).forward
+
+    @functools.wraps(forward)
+    def scored_forward(self, *args, fused_lm_head: bool = False, labels=None, **kwargs):
+        if not fused_lm_head:
+            return forward(self, *args, labels=labels, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        mask = labels != -100
+        targets = labels[mask]
+        logits = self.get_output_embeddings()(hidden[mask]).float()
+        log_probs = -F.cross_entropy(logits, targets, reduction="none")
+        with torch.no_grad():
+            entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+            mean_logits, is_top1 = logits.mean(-1), logits.argmax(-1) == targets
+
+        def per_token(values: torch.Tensor) -> torch.Tensor:
+            return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=per_token(log_probs),
+            entropy=per_token(entropy), mean_logits=per_token(mean_logits), is_top1=per_token(is_top1),
+            label_mask=mask,
+        )  # fmt: skip
+
+    model.forward = scored_forward.__get__(model)
+
+
+# ── the model a run starts from ───────────────────────────────────────────────────────────────
+def init_model(config: Config, tokenizer, dtype: torch.dtype):
+    """The model a dpo/kto run with ``stage.init_from`` starts from (validated by ``train.config``).
+
+    - the run was full fine-tuning: its ``model/`` weights are this run's base; this run's method applies
+      (full, or a new LoRA/QLoRA adapter on them);
+    - it trained a LoRA/QLoRA adapter and this run does too: the same base, and the adapter goes on
+      training (TRL's DPO docs: "continue training your PeftModel"; the reference is TRL's frozen "ref"
+      copy of it, so the reference is exactly the SFT policy at an adapter's cost);
+    - it trained an adapter and this run is full fine-tuning: the adapter merged into its base
+      (``train.export.merged_model``; a QLoRA base is dequantized).
+    """
+    start = Path(config.stage.init_from)
+    previous = run_config(start)
+    if previous.method.name != "full" and config.method.name == "full":
+        merged, _ = merged_model(start)
+        return merged.to(dtype).requires_grad_(True)
+    base, seed = base_of(config)
+    model = build_model(base, tokenizer, dtype=dtype, seed=seed, method=config.method)
+    if previous.method.name == "full":
+        return model
+    return PeftModel.from_pretrained(model, final_dir(start, previous.method.name), is_trainable=True)
+
+
+# ── the trainer ──────────────────────────────────────────────────────────────────────────────
+_TRAINERS = {"dpo": (LlamaDPOTrainer, DPOConfig), "kto": (LlamaKTOTrainer, KTOConfig)}
+
+
+def build_preference_trainer(config: Config, model, tokenizer, dataset: Dataset, run_dir: Path, dtype):
+    """TRL's trainer for ``stage.name`` (dpo or kto) on prepared preference rows, with ``stage.*`` as its
+    DPOConfig/KTOConfig settings and the callbacks every run has (metrics, launch check, checkpoints)."""
+    if "wandb" in config.training.report_to:
+        configure_wandb(config, run_dir)
+    trainer_class, config_class = _TRAINERS[config.stage.name]
+    settings = {
+        key: getattr(config.stage, key) for key in STAGE_SETTINGS if config.stage.name in STAGE_SETTINGS[key]
+    }
+    adapter = isinstance(model, PeftModel)  # an adapter a run started from: it trains on (init_model)
+    reference = None
+    if config.method.name == "full":
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
+    trainer = trainer_class(
+        model=model,
+        ref_model=reference,
+        args=trl_config(config_class, config, run_dir, dtype, **settings),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=None if adapter else build_peft_config(config.method),
+        callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
+        compute_dtype=dtype,
+        cpu_fused_lm_head=config.training.cpu_fused_lm_head,
+    )
+    return watch_run(trainer, config, run_dir)
