@@ -45,6 +45,18 @@ def test_prints_the_accelerate_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_single_process_accelerate_line_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch("launch.run=true", f"hydra.run.dir={run_dir}", *SHORT, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"--config_file {REPO / 'launch' / 'accelerate' / 'single.yaml'} --num_processes 1 " in result.stdout
+    )
+    assert "launch=local: 1 process(es), engine NO, backend none" in result.stdout + result.stderr
+    assert list(losses(run_dir)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_two_machines_started_by_hand_train_as_one_run(ddp_run, tmp_path):
     """The multi-machine line, run on two "machines" of this host: they rendezvous and train like DDP."""
     run_dir, port = tmp_path / "run", str(free_port())
