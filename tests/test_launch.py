@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -247,13 +248,24 @@ def test_qlora_under_fsdp_shards_its_4bit_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_under_fsdp_is_sharded_too(tmp_path):
-    """Every stage's trainer shards on CPU (train/trainer.py ShardedOnCpu), not only SFT's."""
-    run_dir, log = launched(tmp_path, "fsdp", "stage=dpo", "data=preference_sample", "training.max_steps=2")
-    assert "launch=fsdp: 2 process(es), engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, " in log
-    assert "37/37 parameters DTensor shards" in log
+@pytest.mark.parametrize(
+    ("name", "engine"),
+    [
+        ("ddp", "engine MULTI_CPU, backend gloo, model DistributedDataParallel"),
+        ("zero2", "engine DEEPSPEED, backend gloo, model DeepSpeedEngine, ZeRO-2"),
+        (
+            "fsdp",
+            "engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, 37/37 parameters DTensor shards",
+        ),
+    ],
+)
+def test_dpo_runs_under_each_kind_of_launch(tmp_path, name, engine):
+    """Every stage's trainer gets the same launches (FSDP on CPU through train/trainer.py ShardedOnCpu)."""
+    run_dir, log = launched(tmp_path, name, "stage=dpo", "data=preference_sample", "training.max_steps=2")
+    assert f"launch={name}: 2 process(es), {engine}" in log
     assert len(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 16
-    assert list(losses(run_dir)) == [1, 2]
+    steps = losses(run_dir)
+    assert list(steps) == [1, 2] and steps[1] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
 
 
 @pytest.mark.slow
