@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from train.config import Config, ConfigError, compose_config, load_config
-from train.plan import fit_problems
+from train.plan import check_fits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,11 +67,7 @@ def main(argv: list[str]) -> int:
     argv = [a for a in argv if a != "--dry-run"]
     try:
         config = load_config(compose_config(argv))
-        problems = fit_problems(config)
-        if problems:  # found now, not after the job waited in a queue
-            raise ConfigError(
-                "the run cannot fit (python -m train.plan shows the plan):\n  " + "\n  ".join(problems)
-            )
+        check_fits(config)  # found now, not after the job waited in a queue
         if config.launch.slurm is not None:
             return submit_to_slurm(config, argv, dry_run)
     except ConfigError as error:

@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from train.config import ConfigError, load_config, register_configs
-from train.plan import fit_problems
+from train.plan import check_fits
 
 log = logging.getLogger("train")
 register_configs()
@@ -38,11 +38,7 @@ def main(cfg: DictConfig) -> None:
     # ── config: typed, validated and checked to fit, before anything expensive ──
     try:
         config = load_config(cfg)
-        problems = fit_problems(config)
-        if problems:
-            raise ConfigError(
-                "the run cannot fit (python -m train.plan shows the full plan):\n  " + "\n  ".join(problems)
-            )
+        check_fits(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -90,12 +90,17 @@ def build_model(
 _LOAD_SAFELY = {"use_safetensors": True, "local_files_only": True, "trust_remote_code": False}
 
 
+def launched_with_fsdp() -> bool:
+    """``accelerate launch`` with an FSDP config (it sets ACCELERATE_USE_FSDP for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, method: MethodConfig):
     """The base model as bitsandbytes 4-bit weights (``method``'s quant type, double quantization)."""
     from transformers import BitsAndBytesConfig
 
     settings = {}
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # set by accelerate launch
+    if launched_with_fsdp():
         # FSDP shards float tensors only: 4-bit weights packed into the compute dtype shard like the rest
         settings["bnb_4bit_quant_storage"] = dtype
     quantization = BitsAndBytesConfig(

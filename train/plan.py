@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import STRATEGIES, Config, LaunchConfig, MethodConfig, ModelConfig
+from train.config import STRATEGIES, Config, ConfigError, LaunchConfig, MethodConfig, ModelConfig
 
 GIB = 2**30
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -563,6 +563,16 @@ def fit_problems(config: Config, usable_fraction: float = 0.9) -> list[str]:
         f"launch: model={model.name} method={method.name} does not fit launch={launch.name} on {plan.gpus} "
         f"GPU{'s' * (plan.gpus > 1)} ({figures}); try: {_suggest(plan)}"
     ]
+
+
+def check_fits(config: Config) -> None:
+    """Raise ConfigError with ``fit_problems`` when the run cannot fit: both entry points call it
+    before anything expensive (``python -m launch`` before a job waits in a queue)."""
+    problems = fit_problems(config)
+    if problems:
+        raise ConfigError(
+            "the run cannot fit (python -m train.plan shows the full plan):\n  " + "\n  ".join(problems)
+        )
 
 
 def _fits(plan, model, method, strategy, launch, usable_fraction) -> bool:

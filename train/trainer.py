@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 
 from train.checkpoints import CompleteCheckpoints, latest_checkpoint
 from train.config import Config, LaunchConfig
-from train.model import build_peft_config
+from train.model import build_peft_config, launched_with_fsdp
 from train.outputs import METRICS_FILE, MetricsJsonl
 
 
@@ -116,8 +116,11 @@ def shard_with_fsdp_on_cpu(accelerator: Accelerator, args: SFTConfig) -> bool:
     The plugin is the one ``accelerate launch`` wrote into ``FSDP_*`` (launch/accelerate/fsdp.yaml).
     """
     state = accelerator.state
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if torch.cuda.is_available() or not asked or state.distributed_type != DistributedType.MULTI_CPU:
+    if (
+        torch.cuda.is_available()
+        or not launched_with_fsdp()
+        or state.distributed_type != DistributedType.MULTI_CPU
+    ):
         return False
     state.fsdp_plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
