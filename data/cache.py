@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE_HASHES = "source-hashes"  # a folder in a cache: one small JSON per source file hashed
 
 
 def cache_dir(kind: str) -> Path:
@@ -20,16 +28,58 @@ def cache_dir(kind: str) -> Path:
 def atomic_directory(target: Path) -> Iterator[Path]:
     """Yield a scratch directory beside ``target`` that becomes ``target`` when the block succeeds.
 
-    Readers never see a half-written entry; if another process (another rank) finished the
-    same entry first, its copy is kept and this one discarded.
+    Readers never see a half-written entry: the entry appears whole, by one ``rename`` (atomic on a
+    local or NFS file system), so ranks and nodes writing the same entry at once are safe; if another
+    process finished it first, its copy is kept and this one discarded.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    scratch = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex}"
+    scratch.mkdir()  # not tempfile.mkdtemp: its mode 0700 would hide the entry from a shared cache's group
     try:
         yield scratch
         try:
             scratch.rename(target)
-        except OSError:  # another process saved it first
-            pass
+        except OSError:
+            if not target.is_dir():  # not "another process saved it first": a real failure
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def source_sha256(path: Path, cache: Path) -> str:
+    """The SHA-256 of ``path``'s bytes, read once: the digest is kept in ``cache`` under the file's
+    absolute path, size and modification time, so later starts (any rank, any requeue) do not read a
+    multi-GB source again. Changing the file changes its size or mtime, and it is hashed again.
+
+    A rewrite that keeps both size and mtime (``touch -d`` back to the old time) goes unseen.
+    """
+    path = path.resolve()
+    record = cache / SOURCE_HASHES / f"{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.json"
+    stat = path.stat()
+    identity = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if {key: saved.get(key) for key in identity} == identity:
+            log.info("source hash from cache: %s", path)
+            return saved["sha256"]
+    log.info("hashing %s (%.1f MB) for the cache key", path, stat.st_size / 1e6)
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    after = path.stat()
+    if (after.st_size, after.st_mtime_ns) == (stat.st_size, stat.st_mtime_ns):  # not changed while read
+        _write_atomically(record, json.dumps({**identity, "sha256": digest.hexdigest()}))
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False)
+    try:
+        with file:
+            file.write(text)
+        os.replace(file.name, path)
+    finally:
+        Path(file.name).unlink(missing_ok=True)

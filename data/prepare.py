@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections import Counter
@@ -25,15 +26,17 @@ from pathlib import Path
 import pyarrow as pa
 from datasets import Dataset, load_from_disk
 
-from data.cache import atomic_directory
+from data.cache import atomic_directory, source_sha256
 from data.cache import cache_dir as default_cache
 from data.chat import encode_chats
-from data.readers import load_conversations
+from data.readers import checked_file, load_conversations
 
 OVERFLOW_POLICIES = ("truncate", "drop")
 # Bumped whenever the readers, encode_chat or the rows written here change, so stale caches are not reused.
 ENCODER_VERSION = "3"
 SUMMARY_FILE = "summary.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -189,8 +192,8 @@ def prepare_dataset(
         "format": format, "lang": lang, "threads": threads, "strict": strict, "max_length": max_length,
         "overflow": overflow, "encoder": ENCODER_VERSION,
     }  # fmt: skip
-    key = _cache_key(Path(path), tokenizer, settings)
-    target = Path(cache_dir or default_cache("datasets")) / f"{Path(path).name.split('.')[0]}-{key}"
+    checked_file(Path(path))
+    target = cache_entry(Path(path), tokenizer, settings, cache_dir)
 
     def read_and_encode():
         source = load_conversations(path, format, lang=lang, threads=threads, strict=strict)
@@ -199,24 +202,41 @@ def prepare_dataset(
         )
         return source, *encoded
 
-    return cached_prepare(target, PrepareSummary, read_and_encode, rows="conversation")
+    return cached_prepare(target, PrepareSummary, read_and_encode, source=str(path), rows="conversation")
 
 
-def cached_prepare(target: Path, summary_type: type, read_and_encode: Callable, *, rows: str):
+def cache_entry(
+    path: Path, tokenizer, settings: dict, cache_dir: str | os.PathLike | None = None, *, kind: str = ""
+) -> Path:
+    """Where a source prepared with ``settings`` is cached: ``<cache>/<file stem>[-kind]-<key>``, the key a
+    hash of the source's bytes (hashed once per file version, ``data.cache.source_sha256``), the tokenizer
+    and the settings."""
+    cache = Path(cache_dir or default_cache("datasets"))
+    key = hashlib.sha256(source_sha256(path, cache).encode())
+    key.update(tokenizer_fingerprint(tokenizer).encode())
+    key.update(json.dumps(settings, sort_keys=True).encode())
+    return cache / "-".join([path.name.split(".")[0], *([kind] if kind else []), key.hexdigest()[:16]])
+
+
+def cached_prepare(target: Path, summary_type: type, read_and_encode: Callable, *, source: str, rows: str):
     """The dataset and summary cached in ``target``, or else what ``read_and_encode()`` makes, saved there.
 
     ``read_and_encode`` returns the reader's result (its left-out records go into the summary), the dataset
-    and its summary. No row left is an error, naming what a row is (``rows``).
+    and its summary. The summary names ``source`` (the path given in this run) and ``target``, whoever
+    filled the cache. No row left is an error, naming what a row is (``rows``).
     """
     if (target / SUMMARY_FILE).exists():
+        log.info("prepared data from the cache: %s", target)
         summary = summary_type(**json.loads((target / SUMMARY_FILE).read_text()))
+        summary.source, summary.path = source, str(target)
         return load_from_disk(str(target)), summary
-    source, dataset, summary = read_and_encode()
-    summary.source = source.source
-    summary.dropped = {**dict(source.dropped.most_common()), **summary.dropped}
-    summary.examples = source.examples
+    log.info("preparing %s: not in the cache yet (%s)", source, target)
+    read, dataset, summary = read_and_encode()
+    summary.source = source
+    summary.dropped = {**dict(read.dropped.most_common()), **summary.dropped}
+    summary.examples = read.examples
     if not len(dataset):
-        raise ValueError(f"{source.source}: no usable {rows} left\n{summary}")
+        raise ValueError(f"{source}: no usable {rows} left\n{summary}")
     summary.path = str(target)
     with atomic_directory(target) as scratch:
         dataset.save_to_disk(str(scratch))
@@ -240,16 +260,6 @@ def prepare_from_config(data, tokenizer, *, max_length: int, objective: str = "s
         data.path, data.format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
         threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
     )  # fmt: skip
-
-
-def _cache_key(path: Path, tokenizer, settings: dict) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(tokenizer_fingerprint(tokenizer).encode())
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -30,10 +30,9 @@ from pathlib import Path
 import pyarrow as pa
 from datasets import Dataset
 
-from data.cache import cache_dir as default_cache
 from data.chat import encode_chats
 from data.preference import Preferences, load_preferences, unpaired
-from data.prepare import OVERFLOW_POLICIES, _cache_key, _histogram, cached_prepare, summary_details
+from data.prepare import OVERFLOW_POLICIES, _histogram, cache_entry, cached_prepare, summary_details
 from data.readers import DataError, checked_file
 
 OBJECTIVES = ("dpo", "kto")
@@ -205,10 +204,7 @@ def prepare_preferences(
         "version": PREFERENCE_VERSION,
     }  # fmt: skip
     checked_file(Path(path))
-    key = _cache_key(Path(path), tokenizer, settings)
-    target = (
-        Path(cache_dir or default_cache("datasets")) / f"{Path(path).name.split('.')[0]}-{objective}-{key}"
-    )
+    target = cache_entry(Path(path), tokenizer, settings, cache_dir, kind=objective)
 
     def read_and_encode():
         source: Preferences = load_preferences(
@@ -226,4 +222,6 @@ def prepare_preferences(
         )
         return source, *encoded
 
-    return cached_prepare(target, PreferenceSummary, read_and_encode, rows="preference record")
+    return cached_prepare(
+        target, PreferenceSummary, read_and_encode, source=str(path), rows="preference record"
+    )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +14,7 @@ from conftest import REPO, SAMPLE
 
 import data.prepare as prepare_module
 from data import encode_chat, encode_conversations, load_conversations, prepare_dataset
+from data.cache import SOURCE_HASHES
 
 LONG_USER = [
     {"role": "user", "content": "word " * 400},
@@ -31,9 +35,14 @@ def test_rows_are_the_encoder_output(tokenizer, tmp_path):
     assert sum(summary.length_histogram.values()) == len(conversations)
 
 
+def entries(cache) -> list:
+    """The prepared datasets in a cache (not the record of source hashes)."""
+    return [path for path in cache.iterdir() if path.name != SOURCE_HASHES]
+
+
 def test_cached_on_disk_and_reused(tokenizer, tmp_path, monkeypatch):
     first, summary = prepare_dataset(SAMPLE, "messages", tokenizer, max_length=512, cache_dir=tmp_path)
-    saved = list(tmp_path.iterdir())
+    saved = entries(tmp_path)
     assert (
         len(saved) == 1
         and (saved[0] / "summary.json").is_file()
@@ -56,7 +65,50 @@ def test_cache_key_follows_source_content_and_settings(tokenizer, tmp_path):
     source.write_text(json.dumps({"messages": FITS}) + "\n" + json.dumps({"messages": FITS}) + "\n")
     dataset, _ = prepare_dataset(source, "messages", tokenizer, max_length=512, cache_dir=cache)
     assert len(dataset) == 2
-    assert len(list(cache.iterdir())) == 3
+    assert len(entries(cache)) == 3
+
+
+def ours(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name.startswith("data.")]
+
+
+def test_a_second_start_reads_neither_the_source_nor_its_bytes(tokenizer, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    source, cache = tmp_path / "chats.jsonl", tmp_path / "cache"
+    source.write_text(json.dumps({"messages": FITS}) + "\n")
+    prepare_dataset(source, "messages", tokenizer, max_length=512, cache_dir=cache)
+    assert ours(caplog) == [
+        f"hashing {source} (0.0 MB) for the cache key",
+        f"preparing {source}: not in the cache yet ({entries(cache)[0]})",
+    ]
+    caplog.clear()
+    prepare_dataset(source, "messages", tokenizer, max_length=512, cache_dir=cache)
+    assert ours(caplog) == [
+        f"source hash from cache: {source}",
+        f"prepared data from the cache: {entries(cache)[0]}",
+    ]
+    caplog.clear()
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again, same entry
+    prepare_dataset(source, "messages", tokenizer, max_length=512, cache_dir=cache)
+    assert [message.split()[0] for message in ours(caplog)] == ["hashing", "prepared"]
+
+
+def test_the_summary_names_this_runs_source(tokenizer, tmp_path):
+    """Another checkout filled the cache with the same bytes: the summary names this run's file."""
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "mine").mkdir()
+    theirs, mine, cache = (
+        tmp_path / "theirs" / "chats.jsonl",
+        tmp_path / "mine" / "chats.jsonl",
+        tmp_path / "c",
+    )
+    theirs.write_text(json.dumps({"messages": FITS}) + "\n")
+    shutil.copy(theirs, mine)
+    _, filled = prepare_dataset(theirs, "messages", tokenizer, max_length=512, cache_dir=cache)
+    _, summary = prepare_dataset(mine, "messages", tokenizer, max_length=512, cache_dir=cache)
+    assert summary.source == str(mine) and str(summary).startswith(f"{mine}\n")
+    assert summary.path == filled.path and summary.conversations == filled.conversations == 1
 
 
 def test_truncate_keeps_learnable_rows_and_drops_the_rest(tokenizer):
