@@ -9,17 +9,20 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_train
 from omegaconf import OmegaConf
 from test_config import composed
 
 from train.config import load_config
 from train.plan import (
     GIB,
+    Device,
+    checkpoint_bytes,
     count_parameters,
     fit_problems,
+    host_memory_bytes,
     kv_cache_bytes_per_token,
-    layer_parameters,
+    largest_unit,
     lora_parameters,
     nf4_bytes,
     parse_memory,
@@ -33,15 +36,23 @@ PARAMETERS = {"8b": 8_030_261_248, "70b": 70_553_706_496, "405b": 405_853_388_80
 POST_KV = {"8b": (0.125, 1.95, 15.62), "70b": (0.313, 4.88, 39.06), "405b": (0.984, 15.38, 123.05)}
 
 
+GPU_80GB = Device.gpu(80 * GIB)
+
+
 def config_for(*overrides: str):
     return load_config(composed(*overrides), check=False)
 
 
-def plan(*overrides: str, seq_len: int = 1024, batch: int = 1, gpu_memory_bytes: int | None = None):
+def on_gpu(config):
+    """The config's model with ``dtype: auto`` as a GPU resolves it (bf16)."""
+    return GPU_80GB.resolve(config.model)
+
+
+def plan(*overrides: str, seq_len: int = 1024, batch: int = 1, device: Device | None = None):
     config = config_for(*overrides)
     return plan_memory(
         config.model, config.method, config.launch, seq_len=seq_len, batch=batch,
-        optim=config.training.optim, gpu_memory_bytes=gpu_memory_bytes,
+        optim=config.training.optim, device=device,
     )  # fmt: skip
 
 
@@ -118,28 +129,83 @@ def test_unknown_lora_target_names_the_key():
 def test_sharding_shrinks_the_70b_full_peak():
     config = config_for("model=70b", "method=full")
     peaks = {
-        s: per_gpu_bytes(config.model, config.method, s, 8, tokens=1024, optim="adamw_torch")["peak"]
+        s: per_gpu_bytes(on_gpu(config), config.method, s, 8, tokens=1024, optim="adamw_torch")["peak"]
         for s in ("single", "ddp", "zero2", "fsdp", "zero3")
     }
     assert peaks["zero3"] < peaks["zero2"] < peaks["ddp"]
     assert peaks["fsdp"] < peaks["ddp"] and peaks["single"] < peaks["ddp"]  # ddp adds its gradient buckets
 
 
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero2", "zero3"])
+def test_precision_policy_bytes_per_full_parameter(strategy):
+    """docs/memory.md, "Precision policy": fp32 master weights, gradients and moments on every launch."""
+    config = config_for("model=70b", "method=full")
+    params, shards = PARAMETERS["70b"], 1 if strategy in ("single", "ddp") else 8
+    parts = per_gpu_bytes(on_gpu(config), config.method, strategy, 8, tokens=1024, optim="adamw_torch")
+    expected = {  # bytes a parameter: weights, gradients, fp32 master, moments
+        "single": (4, 4, 0, 8),  # fp32 weights under bf16 autocast: they are their own master copy
+        "ddp": (4, 4, 0, 8),
+        "fsdp": (4, 4, 0, 8),  # accelerate upcasts the trainable shards to fp32; compute is FSDP2's bf16
+        "zero2": (2 * 8, 2, 4, 8),  # bf16 weights replicated (hence x 8 shards), the rest sharded
+        "zero3": (2, 2, 4, 8),
+    }[strategy]
+    for part, per_param in zip(("weights", "gradients", "master", "optimizer"), expected, strict=True):
+        assert parts[part] == pytest.approx(per_param * params / shards, rel=1e-6), part
+    # bf16 copies of the decoder Linears that autocast keeps for the backward, only where weights are fp32
+    assert (parts["autocast_copies"] > 0) == (strategy in ("single", "ddp"))
+
+
+@pytest.mark.parametrize(("strategy", "per_param"), [("fsdp", 12), ("zero3", 14)])
+def test_a_70b_full_checkpoint_is_its_trainable_state(strategy, per_param):
+    """fp32 weights (torch engines) or bf16 weights + fp32 master (DeepSpeed), and two fp32 moments:
+    0.85 TB under FSDP, what a stop request must write within Slurm's warning (launch/slurm.py)."""
+    config = config_for("model=70b", "method=full")
+    full = checkpoint_bytes(on_gpu(config), config.method, strategy, "adamw_torch")
+    assert full == per_param * PARAMETERS["70b"]
+    lora = config_for("model=70b", "method=lora")
+    adapter = checkpoint_bytes(on_gpu(lora), lora.method, "fsdp", "adamw_torch")
+    assert adapter == 12 * lora_parameters(lora.model, lora.method)  # the frozen base is not in it
+
+
+def test_lora_and_qlora_adapters_are_fp32_on_every_launch():
+    for method in ("lora", "qlora"):
+        config = config_for("model=8b", f"method={method}")
+        adapters = lora_parameters(config.model, config.method)
+        model, optim = on_gpu(config), "adamw_torch"
+        for strategy in ("single", "fsdp"):
+            parts = per_gpu_bytes(model, config.method, strategy, 1, tokens=1024, optim=optim)
+            held = (parts["gradients"], parts["optimizer"], parts["master"])
+            assert held == (4 * adapters, 8 * adapters, 0)
+        zero3 = per_gpu_bytes(model, config.method, "zero3", 1, tokens=1024, optim=optim)
+        assert (zero3["gradients"], zero3["master"]) == (2 * adapters, 4 * adapters)  # DeepSpeed: bf16, fp32
+
+
 def test_zero_states_follow_deepspeeds_own_estimate():
+    """DeepSpeed's estimates (2 bf16 weights + 18 = 2 bf16 grads + 4 fp32 grads + 4 fp32 master + 8 moments)
+    against what its ZeRO optimizers allocate (deepspeed 0.19.8): the fp32 gradient partition exists only
+    during the step (step_temporaries, next to the foreach temporary of torch's AdamW, the optimizer the
+    Trainer hands DeepSpeed); ZeRO-3 keeps a bf16 gradient partition (stage3.py grad_partitions_flat_buffer)
+    and makes fp32 gradients one sub-group of 1e9 elements at a time."""
     zero2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
     zero3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
     config = config_for("model=70b", "method=full")
-    params, model = PARAMETERS["70b"], config.model
-    largest = max(layer_parameters(model), params - model.num_hidden_layers * layer_parameters(model))
+    params, shard = PARAMETERS["70b"], PARAMETERS["70b"] / 8
+
+    def parts(strategy):
+        return per_gpu_bytes(on_gpu(config), config.method, strategy, 8, tokens=1024, optim="adamw_torch")
 
     def states(strategy):
-        parts = per_gpu_bytes(config.model, config.method, strategy, 8, tokens=1024, optim="adamw_torch")
-        return sum(parts[k] for k in ("weights", "gradients", "master", "optimizer", "gathered_unit"))
+        held = parts(strategy)
+        return sum(held[k] for k in ("weights", "gradients", "master", "optimizer", "gathered_unit"))
 
     _, expected = zero2.estimate_zero2_model_states_mem_needs(params, 8, 1, cpu_offload=False)
-    assert states("zero2") == pytest.approx(expected, abs=16)
-    _, expected, _ = zero3.estimate_zero3_model_states_mem_needs(params, largest, 8, 1, cpu_offload=False)
-    assert states("zero3") == pytest.approx(expected, abs=16)
+    assert states("zero2") + 4 * shard == pytest.approx(expected, abs=16)
+    assert parts("zero2")["step_temporaries"] == pytest.approx((4 + 4) * shard, abs=16)
+    _, expected, _ = zero3.estimate_zero3_model_states_mem_needs(
+        params, largest_unit(config.model), 8, 1, cpu_offload=False
+    )
+    assert states("zero3") + 4 * shard == pytest.approx(expected + 2 * shard, abs=16)
+    assert parts("zero3")["step_temporaries"] == (4 + 4) * 10**9  # one sub-group: fp32 grads + foreach
 
 
 def test_405b_full_needs_several_nodes_of_80gb_gpus():
@@ -151,7 +217,7 @@ def test_405b_full_needs_several_nodes_of_80gb_gpus():
 
 
 def test_8b_qlora_fits_one_24gb_gpu():
-    result = plan("model=8b", "method=qlora", gpu_memory_bytes=24 * GIB)
+    result = plan("model=8b", "method=qlora", device=Device.gpu(24 * GIB))
     assert result.fits and 5 * GIB < result.peak_bytes_per_gpu < 12 * GIB
     assert (result.recommended.gpus, result.recommended.launch) == (1, "local")
 
@@ -168,22 +234,111 @@ def test_offload_keeps_one_unit_on_the_gpu_and_reports_cpu_memory():
     result = plan("model=70b", "method=full", "launch=zero3_offload")
     assert result.per_gpu_bytes["weights"] == result.per_gpu_bytes["optimizer"] == 0
     assert result.per_gpu_bytes["gathered_unit"] > 0
-    assert result.cpu_bytes_per_node == 18 * PARAMETERS["70b"]  # bf16 weights, fp32 master + grads, moments
+    # bf16 weights and gradient partition, fp32 gradients (kept between steps when offloaded), master, moments
+    assert result.cpu_bytes_per_node == (2 + 2 + 4 + 4 + 8) * PARAMETERS["70b"]
+
+
+def configured_gpu_problems(*overrides: str) -> list[str]:
+    config = config_for(*overrides)
+    return fit_problems(config, Device.configured(config.launch))
 
 
 def test_fit_problems_name_the_key_the_figures_and_a_fix():
-    assert fit_problems(config_for()) == []  # the tiny default run
-    [problem] = fit_problems(config_for("model=405b", "method=full"))
+    assert configured_gpu_problems() == []  # the tiny default run
+    [problem] = configured_gpu_problems("model=405b", "method=full")
     assert problem.startswith("launch: model=405b method=full does not fit launch=local on 1 GPU")
-    assert "planner figures: peak" in problem and "GiB per GPU vs 72.00 GiB usable of 80 GiB" in problem
+    assert "planner figures: peak" in problem
+    assert (
+        "GiB per GPU in bfloat16 (model.dtype=auto) vs 72.00 GiB usable of 80 GiB GPUs (launch.gpu_memory_gb)"
+        in problem
+    )
     assert "try: launch=fsdp launch.num_processes=8 launch.num_machines=" in problem
 
 
 def test_fit_problems_refuse_qlora_with_parameter_offload():
-    [problem] = fit_problems(config_for("model=70b", "method=qlora", "launch=zero3_offload"))
+    [problem] = configured_gpu_problems("model=70b", "method=qlora", "launch=zero3_offload")
     assert problem.startswith("launch.strategy: QLoRA's 4-bit weights (bitsandbytes Params4bit)")
     assert "planner figures: peak" in problem and "try: launch=fsdp or launch=zero3 with 8 GPUs" in problem
-    assert fit_problems(config_for("model=70b", "method=qlora", "launch=zero3")) == []
+    assert configured_gpu_problems("model=70b", "method=qlora", "launch=zero3") == []
+
+
+# ── the device the run computes on ──────────────────────────────────────────────────────
+CPU_24GB = Device("cpu", 24 * GIB, "float32", "a CPU with 24 GiB RAM")
+
+
+def test_a_cpu_plans_fp32_in_host_ram_shared_by_its_processes():
+    config = config_for("model=8b")
+    cpu = plan_memory(config.model, config.method, config.launch, seq_len=512, batch=2, device=CPU_24GB)
+    gpu = plan_memory(config.model, config.method, config.launch, seq_len=512, batch=2, device=GPU_80GB)
+    assert (cpu.compute_dtype, gpu.compute_dtype) == ("float32", "bfloat16")  # model.dtype=auto
+    assert cpu.per_gpu_bytes["weights"] == 4 * PARAMETERS["8b"] + 4 * cpu.trainable_params
+    assert gpu.per_gpu_bytes["weights"] == 2 * PARAMETERS["8b"] + 4 * gpu.trainable_params
+    two = config_for("model=8b", "launch=ddp", "launch.num_processes=2")
+    shared = plan_memory(two.model, two.method, two.launch, seq_len=512, batch=2, device=CPU_24GB)
+    assert shared.gpu_memory_bytes == 12 * GIB and shared.usable_bytes == int(0.9 * 12 * GIB)
+
+
+def test_8b_on_a_24gb_cpu_is_refused_with_what_would_fit():
+    config = config_for("model=8b")
+    [problem] = fit_problems(config, CPU_24GB)
+    assert problem.startswith(
+        "launch: model=8b method=lora does not fit launch=local on a CPU with 24 GiB RAM, 1 process "
+        "(planner figures: peak "
+    )
+    assert (
+        "GiB per process in float32 (model.dtype=auto) vs 21.60 GiB usable (0.9 x 24.00 GiB RAM / 1 process)"
+        in problem
+    )
+    assert "try: method=qlora (peak " in problem and "GiB per process here)" in problem
+    assert (
+        "or a GPU machine: launch=local launch.num_processes=1 launch.num_machines=1 (1 GPU on 1 node) of "
+        "80 GiB GPUs (launch.gpu_memory_gb)" in problem
+    )
+    assert problem.endswith("or model=tiny (the default) to try the pipeline on this CPU")
+    assert fit_problems(config_for(), CPU_24GB) == []  # the default run
+
+
+def test_local_device_is_this_machine():
+    device = Device.local()
+    if torch.cuda.is_available():
+        assert device.memory_bytes == torch.cuda.get_device_properties(0).total_memory
+    else:
+        assert (device.kind, device.compute_dtype) == ("cpu", "float32")
+        assert device.memory_bytes == host_memory_bytes()
+        meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        assert host_memory_bytes() <= int(meminfo["MemTotal"].split()[0]) * 1024
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal on a machine without a GPU")
+def test_python_m_train_8b_is_refused_on_this_cpu_before_building_anything(tmp_path):
+    result = run_train("model=8b", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "launch: model=8b method=lora does not fit launch=local on this machine's CPU (no CUDA GPU;" in (
+        result.stderr
+    )
+    assert "GiB per process in float32 (model.dtype=auto) vs " in result.stderr
+    assert "or a GPU machine: launch=local launch.num_processes=1" in result.stderr
+    assert "model=tiny" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("outputs/*/*/config.yaml"))  # refused before the run began
+
+
+def test_python_m_launch_plans_the_configured_gpus(tmp_path):
+    """A login node plans a job for the GPUs it asks for, whatever it has itself, without importing torch."""
+    script = (
+        "import sys; from launch.__main__ import main; "
+        "code = main(['model=8b', 'launch=fsdp', 'launch.num_processes=2']); "
+        "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("accelerate launch ") and result.stdout.endswith("no torch\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "launch", "model=70b", "method=full", "launch.gpu_memory_gb=24"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "usable of 24 GiB GPUs (launch.gpu_memory_gb)" in refused.stderr
 
 
 def test_parse_memory_reads_binary_sizes():
@@ -216,7 +371,8 @@ def test_cli_recommends_several_nodes_for_405b_full():
     assert "parameters          405,853,388,800" in result.stdout
     assert "fits: NO" in result.stdout
     assert (
-        "smallest setup that fits: launch=fsdp launch.num_processes=8 launch.num_machines=" in result.stdout
+        "smallest setup that fits on 80 GiB GPUs: launch=fsdp launch.num_processes=8 launch.num_machines="
+        in result.stdout
     )
     assert " nodes)" in result.stdout
 
@@ -245,7 +401,7 @@ def test_planned_peak_bounds_a_real_training_run(run, tmp_path, tokenizer):
     from datasets import Dataset
 
     from train.model import build_model, compute_dtype
-    from train.trainer import build_trainer
+    from train.trainer import build_trainer, training_args
 
     seq_len, batch = (256, 2) if run.startswith("tiny") else (1024, 4)
     cfg = composed(
@@ -265,7 +421,9 @@ def test_planned_peak_bounds_a_real_training_run(run, tmp_path, tokenizer):
     baseline = torch.cuda.memory_allocated()
     dtype = compute_dtype(config.model.dtype)
     model = build_model(config.model, tokenizer, dtype=dtype, seed=0, method=config.method)
-    trainer = build_trainer(config, model, tokenizer, dataset, tmp_path, dtype)
+    trainer = build_trainer(
+        config, model, tokenizer, dataset, tmp_path, training_args(config, tmp_path, dtype)
+    )
     torch.cuda.reset_peak_memory_stats()
     try:
         trainer.train()

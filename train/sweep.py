@@ -15,14 +15,14 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from train.outputs import METRICS_FILE, read_metrics
-
 SWEEP_FILE = "sweep.csv"
 COLUMNS = ("point", "overrides", "status", "final_loss", "tokens_per_second", "peak_memory_gb", "run_dir")
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict]:
     """One row per point directory (those Hydra numbered 0, 1, ...); a point that did not finish says so."""
+    from train.outputs import METRICS_FILE, read_metrics  # here: Hydra loads this callback before every run
+
     rows = []
     for run_dir in sorted((d for d in sweep_dir.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):
         overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")

@@ -1,0 +1,337 @@
+"""The planner's arithmetic in bytes: per trainable parameter under the precision policy, activations,
+the LM head's loss, and what one GPU (or CPU process) and one node's host RAM hold under a launch strategy.
+
+Everything is derived from the architecture in ``conf/model/`` and the run's settings, following what
+this project's stack does (transformers, peft, TRL, bitsandbytes, accelerate's FSDP2, torch/DeepSpeed
+optimizers); docs/memory.md states each formula with its source. Sizes are bytes. ``model.dtype`` must be
+resolved for the device first (``Device.resolve``): ``auto`` is bf16 on a GPU, fp32 on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.config import STRATEGIES, Config, MethodConfig, ModelConfig
+from train.plan.architecture import (
+    count_parameters,
+    decoder_linear_parameters,
+    largest_trainable_tensor,
+    largest_unit,
+    layer_parameters,
+    linear_shapes,
+    lora_parameters,
+    lora_targets,
+    nf4_linear_bytes,
+    trainable_parameters,
+    unquantized_parameters,
+)
+
+GIB = 2**30
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+SHARDED = ("fsdp", "zero3", "zero3_offload")  # weights, gradients and optimizer states split over all GPUs
+DEEPSPEED = ("zero2", "zero3", "zero3_offload")
+TORCH_ENGINES = ("single", "ddp", "fsdp")  # torch's optimizer on the model's own (fp32) parameters
+KV_TABLE_TOKENS = (1024, 16_384, 131_072)  # the launch post's 1k / 16k / 128k columns, in binary k
+# TRL's fused LM head scores the vocabulary in [4096 tokens x 32768 vocab] tiles and never holds the
+# full logits (trl 1.16: kernels/chunked_logprob.TOKEN_CHUNK_SIZE, trainer/utils._CHUNKED_LOGPROB_CHUNK_SIZE).
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32_768
+# ZeRO-3 steps its optimizer one sub-group of at most this many elements at a time
+# (deepspeed 0.19 runtime/zero/config.py, sub_group_size default; accelerate's config leaves it).
+DEEPSPEED_SUB_GROUP = 10**9
+# The final save of a full fine-tune writes one safetensors file of at most this size at a time.
+SAVE_SHARD_BYTES = 5 * 10**9
+
+
+def compute_bytes(model: ModelConfig) -> int:
+    """Bytes of ``model.dtype``, the dtype the run computes in; ``auto`` must be resolved for a device."""
+    if model.dtype not in DTYPE_BYTES:
+        raise ValueError(
+            f"model.dtype={model.dtype!r}: resolve it for the device first (train.plan.Device.resolve: "
+            "bf16 on a GPU, fp32 on a CPU)"
+        )
+    return DTYPE_BYTES[model.dtype]
+
+
+# ── bytes per trainable parameter: the precision policy ───────────────────────────────
+@dataclass(frozen=True)
+class TrainableBytes:
+    """Bytes per trainable parameter under the precision policy (docs/memory.md, "Precision policy")."""
+
+    weight: int  # the parameter as the engine holds it
+    grad: int  # its gradient (DeepSpeed: the gradient partition it accumulates into)
+    master: int  # an fp32 copy of the weight beside ``weight`` (DeepSpeed only)
+    optimizer: int  # the moments
+    step_temp: int  # what exists only during the optimizer step
+
+
+def trainable_bytes(method: MethodConfig, strategy: str, optim: str, compute: int, *, on_gpu: bool = True):
+    """What each trainable parameter costs on this engine, computing in ``compute`` bytes.
+
+    torch engines (single, ddp, fsdp): every trainable parameter is fp32, full weights and adapters
+    alike, so it is its own master copy: 4 weight + 4 gradient + moments in fp32 (torch's AdamW keeps
+    them in the parameter's dtype); bf16 compute comes from autocast (single, ddp) or FSDP2's
+    MixedPrecisionPolicy. DeepSpeed: its parameters in the compute dtype, a gradient partition in the
+    same dtype (``grad_accum_dtype`` defaults to the model's), an fp32 master copy, fp32 moments. ZeRO-3
+    means to share fp32 parameters as their own master copy, but compares a ``torch.device`` with the
+    accelerator's device name, a string, never equal (deepspeed 0.19.8 stage3.py
+    ``_create_fp32_partitions``): it always copies (measured on CPU, tests/test_state_bytes.py).
+    Step temporaries: on a GPU ``adamw_torch`` is torch's foreach implementation, one parameter-sized
+    fp32 temporary (``per_gpu_bytes`` counts the per-tensor loop it runs on a CPU); DeepSpeed's step adds
+    the fp32 gradient partition it makes and runs the same torch optimizer on its flat fp32 partition
+    (one tensor: two temporaries on a CPU); offloaded, DeepSpeedCPUAdam steps in place.
+    """
+    states = 0 if optim.startswith("sgd") else 1 if "lion" in optim else 2  # Adam family (and unknown): 2
+    moment = 1 if "8bit" in optim else 4
+    loop = states > 0 and "8bit" not in optim and "fused" not in optim  # torch's foreach or per-tensor step
+    if strategy == "zero3_offload":  # in host RAM, stepped in place by DeepSpeedCPUAdam
+        return TrainableBytes(compute, compute, 4, states * moment, 4)
+    if strategy in DEEPSPEED:
+        return TrainableBytes(compute, compute, 4, states * moment, 4 + (4 if on_gpu else 8) * loop)
+    return TrainableBytes(4, 4, 0, states * moment, 4 if loop and on_gpu else 0)
+
+
+def fp32_residual(method: MethodConfig, strategy: str) -> bool:
+    """Whether embeddings and norms are fp32 as the forward sees them, so the residual stream is fp32:
+    QLoRA (prepare_model_for_kbit_training upcasts them), and full fine-tuning under single/ddp (fp32
+    weights under autocast: embedding lookups and norm products are not autocast ops)."""
+    return method.name == "qlora" or (method.name == "full" and strategy in ("single", "ddp"))
+
+
+def autocast_copy_bytes(model: ModelConfig, method: MethodConfig, strategy: str) -> int:
+    """bf16 copies that autocast makes of fp32 trainable Linear weights (single/ddp with bf16 compute):
+    cached for the whole forward and saved for the backward (torch autocast's weight cache)."""
+    if strategy not in ("single", "ddp") or compute_bytes(model) == 4:
+        return 0
+    linears = decoder_linear_parameters(model) if method.name == "full" else lora_parameters(model, method)
+    return compute_bytes(model) * linears
+
+
+def activation_bytes(
+    model: ModelConfig, method: MethodConfig, tokens: int, checkpointing: bool, strategy: str = "single"
+) -> int:
+    """What the backward pass keeps for ``tokens`` (batch x seq) tokens, sdpa/flash attention (no s² term).
+
+    Per layer and token: both RMSNorms keep their input in fp32 (transformers upcasts), 4H each, and
+    their output (2H in bf16; 4H when the residual stream is fp32, ``fp32_residual``); q, k, v after RoPE
+    (H + 2 kv), the attention output and o_proj's copy of it (2H), gate, up, silu(gate), their product
+    (4I), in the compute dtype; LoRA adds, per targeted input element, the matmul's copy of its input and
+    the dropout's mask or output (2 x compute; 1 x without dropout), and r outputs per token.
+    With checkpointing, each layer keeps only its input and one layer is recomputed at a time.
+    Frozen Linears keep less (no input for a weight gradient): LoRA measures ~30% under this count.
+    """
+    compute = compute_bytes(model)
+    residual = 4 if fp32_residual(method, strategy) else compute
+    hidden = model.hidden_size
+    kv = model.num_key_value_heads * hidden // model.num_attention_heads
+    per_token = 2 * (4 * hidden + residual * hidden) + compute * (
+        3 * hidden + 2 * kv + 4 * model.intermediate_size
+    )
+    if method.name != "full":
+        shapes = linear_shapes(model)
+        per_input = 2 * compute if method.lora_dropout else compute
+        per_token += sum(per_input * shapes[t][0] + compute * method.r for t in lora_targets(method))
+    layers = model.num_hidden_layers
+    kept = (layers * residual * hidden + per_token) if checkpointing else layers * per_token
+    final_norm = 4 * hidden + residual * hidden
+    return tokens * (kept + final_norm)
+
+
+def lm_head_bytes(
+    model: ModelConfig, method: MethodConfig, tokens: int, strategy: str = "single", *, fused: bool = True
+) -> int:
+    """The loss's working set.
+
+    ``fused`` (GPU): TRL's chunked LM head: one logits tile in the compute dtype, the fp32 gradient of
+    the hidden states, and for full fine-tuning the LM head's gradient accumulated in fp32 and cast to
+    the head's dtype (no cast when the head is fp32: single/ddp); an fp32 head (QLoRA's, or full
+    fine-tuning's under single/ddp) is cast one vocabulary chunk at a time (two alive as the loop moves
+    on). Not fused (CPU: the model's own loss): the fp32 logits and their log-softmax, the hidden
+    states' gradient and, for full fine-tuning, the head's fp32 gradient.
+    """
+    compute, hidden, vocab = compute_bytes(model), model.hidden_size, model.vocab_size
+    head_fp32 = method.name == "qlora" or (method.name == "full" and strategy in ("single", "ddp"))
+    head_dtype = 4 if head_fp32 or compute == 4 else compute
+    head_grad = vocab * hidden * (4 + (head_dtype if head_dtype != 4 else 0)) if method.name == "full" else 0
+    if not fused:
+        return 2 * tokens * vocab * 4 + tokens * hidden * 4 + head_grad
+    chunk = min(vocab, TRL_VOCAB_TILE)
+    tile = min(tokens, TRL_TOKEN_TILE) * chunk * compute
+    head_cast = 2 * chunk * hidden * compute if head_dtype != compute else 0
+    return tile + tokens * hidden * 4 + head_grad + head_cast
+
+
+# ── the reference model of DPO/KTO ──────────────────────────────────────────────────────
+# What a preference stage keeps to score its reference policy (train/preference.py), in words.
+REFERENCES = {
+    "none": "none (stage=sft has no reference model)",
+    "weights": "a second, frozen copy of the weights in the compute dtype (full fine-tuning's ref_model)",
+    "base": "none in memory: the base with the LoRA adapter disabled (peft), the run's starting model",
+    "adapter": "a frozen fp32 copy of the adapter the run starts from (TRL's 'ref' adapter); base shared",
+}
+
+
+def reference_model(config: Config) -> str:
+    """Which ``REFERENCES`` entry a run keeps, given its stage, method and ``stage.init_from``."""
+    if config.stage.name == "sft":
+        return "none"
+    if config.method.name == "full":
+        return "weights"
+    init_from = config.stage.init_from
+    return "adapter" if init_from and (Path(init_from) / "adapter").is_dir() else "base"
+
+
+def step_tokens(seq_len: int, batch: int, stage: str) -> int:
+    """Tokens one forward with gradients holds: DPO scores chosen and rejected of ``batch`` pairs together
+    (2 x batch sequences); KTO's reference and KL forwards keep no activations."""
+    return seq_len * batch * (2 if stage == "dpo" else 1)
+
+
+def reference_bytes(model: ModelConfig, method: MethodConfig, reference: str) -> int:
+    """The reference model's memory, before any sharding: the weights in the compute dtype, an fp32
+    adapter (peft creates adapters in fp32), or nothing."""
+    if reference == "weights":
+        return compute_bytes(model) * count_parameters(model)
+    if reference == "adapter":
+        return DTYPE_BYTES["float32"] * lora_parameters(model, method)
+    return 0
+
+
+# ── per GPU under a launch strategy ─────────────────────────────────────────────────────
+_WORKING = ("gradients", "autocast_copies", "activations", "lm_head_loss", "step_temporaries")
+
+
+def frozen_bytes(model: ModelConfig, method: MethodConfig) -> int:
+    """The base weights LoRA/QLoRA freeze: the compute dtype (LoRA); NF4 decoder Linears and the rest
+    upcast to fp32 by prepare_model_for_kbit_training (QLoRA). Full fine-tuning freezes nothing."""
+    if method.name == "full":
+        return 0
+    if method.name == "qlora":
+        return nf4_linear_bytes(model) + 4 * unquantized_parameters(model)
+    return compute_bytes(model) * count_parameters(model)
+
+
+def gathered_unit_bytes(model: ModelConfig, method: MethodConfig) -> int:
+    """The largest unit FSDP/ZeRO-3 gathers whole, in the compute dtype (FSDP2's MixedPrecisionPolicy
+    param_dtype; DeepSpeed's bf16 parameters), with its gradient in the same dtype (FSDP2 reduces in
+    bf16 before casting each shard back to fp32). QLoRA's decoder Linears stay packed NF4."""
+    compute, layers = compute_bytes(model), model.num_hidden_layers
+    adapters = 0 if method.name == "full" else lora_parameters(model, method) // layers
+    if method.name == "qlora":
+        norms = 2 * model.hidden_size
+        unit = max(
+            nf4_linear_bytes(model) // layers + compute * (norms + adapters), compute * largest_unit(model)
+        )
+    else:
+        unit = compute * max(layer_parameters(model) + adapters, largest_unit(model))
+    return unit + compute * (largest_unit(model) if method.name == "full" else adapters)
+
+
+def per_gpu_bytes(
+    model: ModelConfig,
+    method: MethodConfig,
+    strategy: str,
+    gpus: int,
+    *,
+    tokens: int,
+    optim: str,
+    accumulation: int = 1,
+    reference: str = "none",
+    on_gpu: bool = True,
+) -> dict[str, int]:
+    """Each part of one GPU's memory (one process's, ``on_gpu=False``), and the ``peak``: the resident
+    states plus the larger of the backward's working set (autocast copies, activations, LM head) and the
+    optimizer step (gradients, temporaries). ``reference``: the DPO/KTO reference model kept beside it
+    (``REFERENCES``), sharded like the weights (TRL prepares it with the same FSDP/ZeRO-3 engine; ZeRO-3
+    offload keeps it in CPU memory). ``cpu_total``: what ZeRO-3 offload keeps in host RAM, all GPUs.
+
+    The trainer frees torch's gradients after each step (``zero_grad(set_to_none=True)``), and they grow
+    as the backward frees activations, so the two phases do not add up; with ``accumulation`` > 1 the
+    gradients of earlier micro-batches live through the next backward and do. DeepSpeed's gradient
+    partitions are buffers allocated once: always resident.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"launch.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    per_param = trainable_bytes(method, strategy, optim, compute_bytes(model), on_gpu=on_gpu)
+    trainable = trainable_parameters(model, method)
+    states = {
+        "weights": frozen_bytes(model, method) + trainable * per_param.weight,
+        "gradients": trainable * per_param.grad,
+        "master": trainable * per_param.master,
+        "optimizer": trainable * per_param.optimizer,
+        "step_temporaries": trainable * per_param.step_temp,
+        "reference": reference_bytes(model, method, reference),
+    }
+    if strategy == "zero2":
+        shards_of = {**dict.fromkeys(states, gpus), "weights": 1, "reference": 1}
+    else:
+        shards_of = dict.fromkeys(states, gpus if strategy in SHARDED else 1)
+    parts = {key: -(-value // shards_of[key]) for key, value in states.items()}
+    if strategy == "zero3":  # one optimizer sub-group at a time
+        parts["step_temporaries"] = per_param.step_temp * min(-(-trainable // gpus), DEEPSPEED_SUB_GROUP)
+    if strategy in TORCH_ENGINES and not on_gpu and per_param.optimizer:  # torch's per-tensor AdamW:
+        largest = -(-largest_trainable_tensor(model, method) // (gpus if strategy == "fsdp" else 1))
+        parts["step_temporaries"] = 2 * 4 * largest  # sqrt(exp_avg_sq) and its quotient, one tensor at a time
+    cpu_total = sum(states.values()) if strategy == "zero3_offload" else 0
+    if strategy == "zero3_offload":  # DeepSpeed keeps all of it in CPU memory
+        parts = dict.fromkeys(parts, 0)
+    parts["gathered_unit"] = gathered_unit_bytes(model, method) if strategy in SHARDED else 0
+    parts["ddp_buckets"] = parts["gradients"] if strategy == "ddp" else 0  # gradient_as_bucket_view=False
+    parts["autocast_copies"] = autocast_copy_bytes(model, method, strategy)
+    parts["activations"] = activation_bytes(model, method, tokens, model.gradient_checkpointing, strategy)
+    parts["lm_head_loss"] = lm_head_bytes(model, method, tokens, strategy, fused=on_gpu)
+    working = [k for k in _WORKING if not (k == "gradients" and strategy in DEEPSPEED)]
+    resident = sum(v for k, v in parts.items() if k not in working)
+    backward = parts["autocast_copies"] + parts["activations"] + parts["lm_head_loss"]
+    step = parts["step_temporaries"]
+    grads = parts["gradients"] if "gradients" in working else 0
+    if accumulation > 1:
+        parts["peak"] = resident + grads + max(backward, step)
+    else:
+        parts["peak"] = resident + max(backward, grads + step)
+    parts["cpu_total"] = cpu_total
+    return parts
+
+
+# ── a training checkpoint: what each save writes, all ranks together ─────────────────────
+def checkpoint_bytes(model: ModelConfig, method: MethodConfig, strategy: str, optim: str) -> int:
+    """Bytes of one training checkpoint (``checkpoints/checkpoint-<step>/``): every trainable parameter as
+    the engine holds it, its fp32 master copy (DeepSpeed) and its optimizer moments; a frozen base is not
+    in it (an adapter run saves the adapter). 70B full with AdamW: 12 B x 70.55e9 = 0.85 TB.
+    ``model.dtype`` is resolved (``Device.resolve``)."""
+    per_param = trainable_bytes(method, strategy, optim, compute_bytes(model))
+    return trainable_parameters(model, method) * (per_param.weight + per_param.master + per_param.optimizer)
+
+
+# ── host RAM per node: loading the checkpoint, saving the final model ──────────────────
+def host_bytes_per_node(
+    model: ModelConfig, method: MethodConfig, strategy: str, processes_per_node: int, reference: str = "none"
+) -> dict[str, int]:
+    """Host RAM one node needs while loading the checkpoint (``load``) and writing the final model (``save``).
+
+    Load: the weights in the dtype they load in, once per process that materializes them: every process
+    under single/ddp/zero2; one per node under FSDP (cpu_ram_efficient_loading: local rank 0 loads, the
+    others hold meta tensors until accelerate broadcasts) and ZeRO-3 (zero.Init: rank 0 reads the
+    state dict). Full fine-tuning loads fp32 under torch engines (accelerate's FSDP2 upcasts a bf16 load
+    to fp32 on rank 0 before sharding), the compute dtype under DeepSpeed; LoRA loads its base in the
+    compute dtype; QLoRA quantizes tensor by tensor onto its device (nothing whole on the host). A full
+    fine-tune's DPO reference is a second copy under the same rule.
+    Save: full fine-tuning streams the weights in the compute dtype through one writing process (global
+    rank 0, train/sharded_save.py) that holds one safetensors file at a time: at most
+    ``SAVE_SHARD_BYTES``, or one tensor when a tensor is bigger; an adapter is small, fp32.
+    """
+    compute, params = compute_bytes(model), count_parameters(model)
+    copies = processes_per_node if strategy in ("ddp", "zero2") else 1
+    if method.name == "full":
+        load = params * (4 if strategy in TORCH_ENGINES else compute)
+    elif method.name == "lora":
+        load = params * compute
+    else:
+        load = 0
+    load += reference_bytes(model, method, reference) if reference == "weights" else 0
+    if method.name == "full":
+        largest = largest_trainable_tensor(model, method)
+        save = compute * max(min(SAVE_SHARD_BYTES // compute, params), largest)
+    else:
+        save = 4 * lora_parameters(model, method)
+    return {"load": copies * load, "save": save}

@@ -1,0 +1,96 @@
+"""The plan as a table a person reads (``python -m train.plan``): the figures of ``MemoryPlan.to_dict``."""
+
+from __future__ import annotations
+
+from train.plan.memory import GIB, REFERENCES, SAVE_SHARD_BYTES
+from train.plan.run import MemoryPlan
+
+
+def gib(size: int | float, digits: int = 2) -> str:
+    return f"{size / GIB:,.{digits}f} GiB"
+
+
+def _reference_line(plan: MemoryPlan) -> str:
+    size = plan.per_gpu_bytes.get("reference", 0)
+    return f"reference model   {gib(size):>17}  per GPU: {REFERENCES[plan.reference]}"
+
+
+def _host_lines(plan: MemoryPlan) -> list[str]:
+    load, save = plan.host_bytes_per_node["load"], plan.host_bytes_per_node["save"]
+    if plan.method == "qlora":
+        how = "bitsandbytes quantizes tensor by tensor onto the device"
+    elif plan.strategy in ("ddp", "zero2"):
+        how = f"each of the node's {plan.gpus // plan.nodes} processes reads the checkpoint"
+    elif plan.strategy == "single":
+        how = "the one process reads the checkpoint"
+    else:
+        how = "one copy per node: rank 0 reads it, the other ranks get their shards from it"
+    saving = (
+        f"rank 0 writes one safetensors file of up to {SAVE_SHARD_BYTES / 1e9:g} GB at a time"
+        if plan.method == "full"
+        else "the adapter only"
+    )
+    return [
+        "host RAM per node:",
+        f"  {'load':<16}{gib(load):>17}  ({how})",
+        f"  {'final save':<16}{gib(save):>17}  ({saving})",
+        f"checkpoint        {gib(plan.checkpoint_bytes):>17}  each save, all ranks together (trainable "
+        "weights, fp32 master, optimizer moments)",
+    ]
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a table a person reads; the same figures as ``to_dict``."""
+    rec = plan.recommended
+    unit = "GPU" if plan.device_kind == "cuda" else "process"
+    memory = "" if plan.device_kind == "cuda" else " RAM share"
+    lines = [
+        f"Llama 3.1 {plan.model} · {plan.method} · launch={plan.launch} ({plan.strategy}, {plan.gpus} "
+        f"{unit}{'es' * (plan.gpus > 1 and unit == 'process')}{'s' * (plan.gpus > 1 and unit == 'GPU')} "
+        f"of {gib(plan.gpu_memory_bytes)}{memory}) on {plan.device}, computing in {plan.compute_dtype} · "
+        f"seq_len {plan.seq_len} x batch {plan.batch} (x{plan.gradient_accumulation_steps} accumulation) · "
+        f"{plan.optim} · gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} · "
+        f"stage={plan.stage}",
+        "",
+        f"parameters        {plan.params:>17,}",
+        f"trainable         {plan.trainable_params:>17,}  ({plan.trainable_params / plan.params:.2%})",
+        "weights (all parameters, inference):",
+        f"  bf16            {gib(plan.weights_bytes['bf16']):>17}",
+        f"  fp8             {gib(plan.weights_bytes['fp8']):>17}",
+        f"  int4            {gib(plan.weights_bytes['int4']):>17}  (0.5 byte per parameter)",
+        f"  nf4 bnb         {gib(plan.weights_bytes['nf4_bnb']):>17}  (NF4 + double quant on decoder "
+        "Linears; embeddings, LM head, norms stay bf16)",
+        f"KV cache (bf16)   {plan.kv_cache_bytes_per_token:>17,} bytes per token; "
+        + ", ".join(f"{t:,} tokens {gib(b, 3)}" for t, b in plan.kv_cache_bytes.items()),
+        f"activations       {gib(plan.activations_bytes['with_checkpointing']):>17}  with checkpointing, "
+        f"{gib(plan.activations_bytes['without_checkpointing'])} without; full fp32 logits would add "
+        f"{gib(plan.logits_unfused_bytes)}",
+        *([_reference_line(plan)] if plan.stage != "sft" else []),
+        "",
+        f"per {unit} at the peak:",
+        *(f"  {part:<16}{gib(size):>17}" for part, size in plan.per_gpu_bytes.items() if size),
+        f"  {'peak':<16}{gib(plan.peak_bytes_per_gpu):>17}  = " + _peak_rule(plan),
+    ]
+    if plan.cpu_bytes_per_node:
+        lines.append(f"  CPU memory per node (offloaded states): {gib(plan.cpu_bytes_per_node)}")
+    lines += _host_lines(plan)
+    if plan.method == "qlora" and plan.strategy == "zero3_offload":
+        lines.append("note: QLoRA cannot run here: DeepSpeed cannot offload bitsandbytes' Params4bit")
+    lines += [
+        f"fits: {'yes' if plan.fits else 'NO'} (peak {gib(plan.peak_bytes_per_gpu)} vs "
+        f"{gib(plan.usable_bytes)} usable)",
+        f"smallest setup that fits on {plan.recommended_on}: "
+        + (f"{rec.overrides()}, peak {gib(rec.peak_bytes_per_gpu)} per GPU" if rec else "none"),
+        "assumptions:",
+        *(f"  - {line}" for line in plan.assumptions),
+    ]
+    return "\n".join(lines)
+
+
+def _peak_rule(plan: MemoryPlan) -> str:
+    backward = "autocast_copies + activations + lm_head_loss"
+    if plan.strategy in ("zero2", "zero3", "zero3_offload"):  # DeepSpeed's gradient partitions are resident
+        return f"resident (gradient partitions included) + max({backward}, step_temporaries)"
+    if plan.gradient_accumulation_steps > 1:
+        return f"resident + gradients + max({backward}, step_temporaries)"
+    return f"resident + max({backward}, gradients + step_temporaries)"
