@@ -25,6 +25,7 @@ def trainer_for(overrides: list[str], fused: bool, tokenizer):
     from train.config import compose_config, load_config
     from train.model import build_model, compute_dtype
     from train.preference import build_preference_trainer
+    from train.trainer import training_args
 
     cfg = compose_config(
         [*overrides, "training.report_to=[]", f"training.cpu_fused_lm_head={str(fused).lower()}"]
@@ -35,7 +36,9 @@ def trainer_for(overrides: list[str], fused: bool, tokenizer):
     )
     dtype = compute_dtype(config.model.dtype)
     model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method)
-    trainer = build_preference_trainer(config, model, tokenizer, dataset, Path(tempfile.mkdtemp()), dtype)
+    run_dir = Path(tempfile.mkdtemp())
+    args = training_args(config, run_dir, dtype)
+    trainer = build_preference_trainer(config, model, tokenizer, dataset, run_dir, args)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); training_step divides by it
     size = config.training.per_device_train_batch_size

@@ -40,3 +40,20 @@ def run_train(*overrides: str, cwd: Path, timeout: float = 600) -> subprocess.Co
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def shared_launch(tmp_path_factory):
+    """``test_launch.launched``, run once per session for each (launch, overrides): real 2-process runs cost
+    about a minute each here, and several test files read different things from the same run."""
+    from test_launch import launched
+
+    runs = {}
+
+    def run(name: str, *overrides: str):
+        key = (name, *overrides)
+        if key not in runs:
+            runs[key] = launched(tmp_path_factory.mktemp("launch"), name, *overrides)
+        return runs[key]
+
+    return run

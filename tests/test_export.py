@@ -10,14 +10,14 @@ import torch
 from conftest import REPO
 from test_trainer import tiny_trainer
 
-from train.export import adapter_model
+from train.export import adapter_model, export
 from train.outputs import final_dir
 
 
-def trained_run(tmp_path, tokenizer, method: str):
+def trained_run(tmp_path, tokenizer, method: str, *overrides: str):
     """A finished tiny run directory: config.yaml and the adapter, as python -m train leaves them."""
     trainer, dataset = tiny_trainer(
-        tmp_path, tokenizer, f"method={method}", "training.max_steps=3", "training.save_steps=100"
+        tmp_path, tokenizer, f"method={method}", "training.max_steps=3", "training.save_steps=100", *overrides
     )
     trainer.train()
     trainer.save_model(str(final_dir(tmp_path, method)))
@@ -72,3 +72,28 @@ def test_merged_checkpoint_matches_the_adapter(tmp_path, tokenizer, method):
 def test_export_refuses_what_it_cannot_merge(tmp_path):
     result = run_export(tmp_path)
     assert result.returncode == 2 and f"{tmp_path}/config.yaml: no such file" in result.stderr
+
+
+def test_merge_runs_on_the_cpu_where_a_gpu_is_visible(tmp_path, tokenizer, monkeypatch):
+    """What this proves here, on a machine without a GPU: with torch reporting a bf16-capable GPU, export
+    still loads the QLoRA base in 4-bit, dequantizes and merges it on the CPU, in bf16 as a GPU run computes,
+    and writes it shard by shard. This torch has no CUDA, so any ``.cuda()``, ``.to("cuda")`` or GPU
+    ``device_map`` on the way would raise. What it cannot prove: bitsandbytes' CUDA build on a real GPU."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    trained_run(tmp_path, tokenizer, "qlora", "training.max_shard_size=1MB")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    unmerged, _ = adapter_model(tmp_path)
+    assert {p.device.type for p in unmerged.parameters()} == {"cpu"}
+    assert unmerged.get_base_model().lm_head.weight.dtype == torch.bfloat16
+
+    out = export(tmp_path)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2  # 1 MB files: the 65 MB vocabulary matrices alone each
+    monkeypatch.undo()
+    merged = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    assert merged.config.dtype == torch.bfloat16 and merged.lm_head.weight.dtype == torch.bfloat16
+    assert not hasattr(merged, "peft_config") and getattr(merged, "hf_quantizer", None) is None

@@ -6,15 +6,17 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from conftest import REPO, run_train
 from safetensors.torch import load_file
 
-from launch.__main__ import free_port
+from launch.__main__ import free_port, train_overrides
 
 SHORT = [
     "training.max_steps=4",
@@ -22,6 +24,7 @@ SHORT = [
     "method.lora_dropout=0.0",
     "training.logging_steps=1",
 ]
+RESUME_LATEST = "training.resume_from_checkpoint=latest"
 
 
 def launch(*overrides: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -146,10 +149,10 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(ddp_run, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
-def test_deepspeed_zero_trains_like_ddp(ddp_run, tmp_path, stage):
+def test_deepspeed_zero_trains_like_ddp(ddp_run, shared_launch, stage):
     """DeepSpeed runs on CPU here (gloo, its own CPU accelerator); the first use JIT-builds its comm op,
     and offload's first use its CPU Adam (~90 s each, cached under ~/.cache/torch_extensions)."""
-    run_dir, log = launched(tmp_path, stage)
+    run_dir, log = shared_launch(stage)  # zero3's run is also read by test_state_bytes
     zero, offload = stage.split("_offload")[0][-1], "cpu" if stage.endswith("offload") else "none"
     assert (
         f"launch={stage}: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, "
@@ -180,8 +183,8 @@ def test_zero3_checkpoint_resumes_where_it_stopped(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    return launched(tmp_path_factory.mktemp("launch"), "fsdp", "training.save_steps=2")
+def fsdp_run(shared_launch):
+    return shared_launch("fsdp", "training.save_steps=2")  # also read by test_state_bytes
 
 
 @pytest.mark.slow
@@ -190,8 +193,8 @@ def test_fsdp_shards_on_cpu_and_trains_like_ddp(ddp_run, fsdp_run, tokenizer):
     save gathers every rank's shards, so adapter/ is DDP's adapter, whole, and loads with peft."""
     from peft import PeftModel
 
-    from train.export import run_config
     from train.model import build_model
+    from train.run_dir import run_config
 
     run_dir, log = fsdp_run
     # 37 parameters: 2 layers x (4 attention + 8 LoRA + 3 MLP + 2 norms), embeddings, final norm, LM head
@@ -248,6 +251,55 @@ def test_qlora_under_fsdp_shards_its_4bit_weights(tmp_path):
 
 
 @pytest.mark.slow
+def test_qlora_under_zero3_partitions_its_4bit_weights(tmp_path):
+    """bnb_4bit_quant_storage in the compute dtype (train/model.py) lets ZeRO-3 partition Params4bit too."""
+    run_dir, log = launched(tmp_path, "zero3", "method=qlora", "training.max_steps=2")
+    assert (
+        "launch=zero3: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, ZeRO-3, offload "
+        "optimizer none, parameters none, 37/37 parameters partitioned (23 Parameter, 14 Params4bit), rank 0 "
+        "holds 50%" in log
+    )
+    assert list(losses(run_dir)) == [1, 2]
+    assert len(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 16
+
+
+@pytest.mark.slow
+def test_full_dpo_under_fsdp_scores_rank_0s_reference_on_every_rank(tmp_path):
+    """Under FSDP's rank-0 loading rank 1 builds the reference as shapes only; it must still score with rank
+    0's weights (train/preference.py reference_from_rank_zero): at step 1 policy == reference on every rank,
+    so the loss is exactly log 2. A reference left uninitialised on rank 1 would move it."""
+    run_dir, log = launched(
+        tmp_path, "fsdp", "stage=dpo", "data=preference_sample", "method=full", "training.max_steps=1"
+    )
+    assert "checkpoint read by local rank 0, broadcast to the others (FSDP)" in log
+    assert "launch=fsdp: 2 process(es), engine FSDP, backend gloo, model FSDPLlamaForCausalLM" in log
+    assert losses(run_dir)[1] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_full_dpo_under_zero3_reads_its_reference_partitioned(tmp_path, tokenizer):
+    """With model.path under ZeRO-3 the policy is partitioned while read (zero.Init), and so is the
+    reference (train/preference.py reference_copy): step 1 scores policy == reference, loss log 2."""
+    from test_config import composed
+
+    from train.config import load_config
+    from train.model import build_model
+
+    checkpoint = tmp_path / "checkpoint"
+    config = load_config(composed())
+    build_model(config.model, tokenizer, dtype=torch.float32, seed=0).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    run_dir, log = launched(
+        tmp_path, "zero3", "stage=dpo", "data=preference_sample", "method=full", f"model.path={checkpoint}",
+        "training.max_steps=1",
+    )  # fmt: skip
+    assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in log
+    assert "37/37 parameters partitioned" not in log  # full: 21 parameters, every one partitioned
+    assert "ZeRO-3, offload optimizer none, parameters none, 21/21 parameters partitioned" in log
+    assert losses(run_dir)[1] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "engine"),
     [
@@ -266,6 +318,62 @@ def test_dpo_runs_under_each_kind_of_launch(tmp_path, name, engine):
     assert len(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 16
     steps = losses(run_dir)
     assert list(steps) == [1, 2] and steps[1] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
+
+
+def test_every_launch_resumes_its_run_directory_unless_told_otherwise(tmp_path):
+    run_dir, overrides = train_overrides(["launch=ddp", "launch.run=true", f"hydra.run.dir={tmp_path}"])
+    assert (run_dir, overrides) == (tmp_path, ["launch=ddp", f"hydra.run.dir={tmp_path}", RESUME_LATEST])
+    _, overrides = train_overrides(["training.resume_from_checkpoint=null"])
+    assert overrides[0] == "training.resume_from_checkpoint=null" and RESUME_LATEST not in overrides
+
+
+def test_launching_imports_neither_torch_nor_transformers():
+    """`python -m launch` renders and submits at once: train.run_dir, not train.checkpoints (7 s, 400 MB)."""
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, launch.__main__, launch.slurm; print(*sys.modules)"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    assert not {"torch", "transformers", "trl", "peft", "train.export"} & set(imported)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_same_command_resumes_step_for_step(tmp_path):
+    """SIGTERM to the launcher's process group mid-run, as `kill -- -<pgid>` or a scheduler sends it:
+    torchrun passes it on, every rank stops after the same step with a complete checkpoint, and the
+    same command goes on from it. With dropout on (it moves step 3's loss by ~6e-4 here) the losses
+    equal an uninterrupted run's step for step: each rank's RNG, the data order and the optimizer
+    state came back; each step is logged once."""
+    dropout = ["method.lora_dropout=0.3", "training.save_steps=100"]  # the last override wins
+    reference, _ = launched(tmp_path, "ddp", *dropout)  # 4 steps, never stopped
+    run_dir = tmp_path / "stopped"
+    command = [
+        sys.executable, "-m", "launch", "launch=ddp", "launch.num_processes=2", "launch.run=true",
+        f"hydra.run.dir={run_dir}", "training.per_device_train_batch_size=1", *SHORT, *dropout,
+    ]  # fmt: skip
+    log = tmp_path / "stopped.log"
+    with log.open("w") as file:
+        launcher = subprocess.Popen(command, cwd=tmp_path, stdout=file, stderr=file, start_new_session=True)
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and metrics.read_text().strip()):  # step 1 is logged
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.05)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=300)
+    output = log.read_text()
+    step = int((run_dir / "stopped").read_text().split()[0])
+    assert 2 <= step < 4, output[-4000:]
+    assert (run_dir / "stopped").read_text() == f"{step} SIGTERM\n"
+    assert f"stop requested (SIGTERM): checkpoint at step {step}, then stop" in output
+    assert f"stopped (SIGTERM) with checkpoint-{step} complete; the same command goes on from it" in output
+    assert (run_dir / "checkpoints" / f"checkpoint-{step}" / "COMPLETE").is_file()
+    assert list(losses(run_dir)) == list(range(1, step + 1))
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{step}'}\n" in resumed.stdout
+    assert not (run_dir / "stopped").exists() and not (run_dir / "checkpoint-and-stop").exists()
+    assert losses(run_dir) == pytest.approx(losses(reference), abs=1e-6)  # steps 1-4, each once
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from train.model import build_model, compute_dtype
 from train.outputs import read_metrics, save_resolved_config
 from train.plan import REFERENCES, format_plan, plan_memory, reference_model
 from train.preference import build_preference_trainer, init_model, score_with_model_logits
+from train.trainer import training_args
 
 SAMPLES = REPO / "data" / "samples"
 # Steps of a run that moves visibly: a constant, large learning rate on a batch that is the whole data.
@@ -62,7 +63,8 @@ def preference_trainer(tmp_path, tokenizer, *overrides: str, rows: int = 4):
         model = build_model(
             config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method
         )
-    return build_preference_trainer(config, model, tokenizer, dataset, tmp_path, dtype), dataset
+    args = training_args(config, tmp_path, dtype)
+    return build_preference_trainer(config, model, tokenizer, dataset, tmp_path, args), dataset
 
 
 def test_stage_settings_reach_trl_under_their_names(tmp_path, tokenizer):
@@ -155,11 +157,8 @@ def test_a_qlora_sft_adapter_goes_on_training_in_4bit_against_its_exact_copy(tmp
     saved = load_file(tmp_path / "sft" / "adapter" / "adapter_model.safetensors")
     trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert trained and all(".default." in name for name in trained)
-    for (
-        name,
-        parameter,
-    ) in trained.items():  # the SFT adapter, to the bit, in the run's dtype (not TRL's bf16)
-        assert parameter.dtype == compute_dtype("auto")
+    for name, parameter in trained.items():  # the SFT adapter, to the bit, in fp32 (not TRL's bf16)
+        assert parameter.dtype == torch.float32
         assert torch.equal(parameter.float(), saved[name.replace(".default", "")].float()), name
         assert torch.equal(parameter, model.get_parameter(name.replace(".default.", ".ref.")))
 

@@ -9,7 +9,7 @@ from data import encode_conversations, load_conversations
 from train.config import load_config
 from train.model import build_model, compute_dtype
 from train.outputs import save_resolved_config
-from train.trainer import build_trainer
+from train.trainer import build_trainer, training_args
 
 
 def tiny_trainer(tmp_path, tokenizer, *overrides: str):
@@ -21,7 +21,9 @@ def tiny_trainer(tmp_path, tokenizer, *overrides: str):
     dataset, _ = encode_conversations(conversations, tokenizer, max_length=config.training.max_length)
     dtype = compute_dtype(config.model.dtype)
     model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method)
-    return build_trainer(config, model, tokenizer, dataset, tmp_path, dtype), dataset
+    return build_trainer(
+        config, model, tokenizer, dataset, tmp_path, training_args(config, tmp_path, dtype)
+    ), dataset
 
 
 def test_sft_trainer_turns_assistant_masks_into_labels(tmp_path, tokenizer):

@@ -54,49 +54,63 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
     from data import DataError, load_tokenizer, prepare_from_config
-    from train.checkpoints import STOP_FILE
     from train.model import build_model, compute_dtype
     from train.outputs import LOSS_PLOT_FILE, METRICS_FILE, final_dir, plot_loss, save_resolved_config
+    from train.placement import place_processes
     from train.preference import build_preference_trainer, init_model
-    from train.trainer import build_trainer, resume_checkpoint
+    from train.trainer import build_trainer, resume_checkpoint, training_args
 
-    save_resolved_config(cfg, run_dir)
     dtype = compute_dtype(config.model.dtype)
-    log.info("run directory %s; computing in %s", run_dir, dtype)
+
+    # ── placement: accelerate's state (process group, this rank's device) before any weight loads ──
+    args = training_args(config, run_dir, dtype)  # TRL's SFTConfig / DPOConfig / KTOConfig
+    try:
+        placement = place_processes(config.launch, args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if placement.is_main:
+        save_resolved_config(cfg, run_dir)
+        log.info("run directory %s; computing in %s", run_dir, dtype)
 
     # ── tokenizer ──────────────────────────────────────────────────────────────
     tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
 
-    # ── data: the prepared dataset (Llama 3.1 tokens + assistant masks, or preference rows), cached ──
+    # ── data: the prepared dataset (Llama 3.1 tokens + assistant masks, or preference rows), cached;
+    #    each node's main process prepares it first, the others then read its cache ──
     stage = config.stage.name
     try:
-        dataset, summary = prepare_from_config(
-            config.data, tokenizer, max_length=config.training.max_length, objective=stage
-        )
+        with placement.main_process_first():
+            dataset, summary = prepare_from_config(
+                config.data, tokenizer, max_length=config.training.max_length, objective=stage
+            )
     except DataError as error:  # a missing file or field, a bad record with data.strict: no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     log.info("data: %s", summary)
 
-    # ── model: base weights (or the run it starts from); the LoRA adapter is applied by the trainer ──
+    # ── model: base weights (or the run it starts from) on this rank's device, read once per node under
+    #    FSDP/ZeRO-3 (train/placement.py); the LoRA adapter is applied by the trainer ──
     if config.stage.init_from is None:
         model = build_model(
-            config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method
-        )
+            config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method,
+            placement=placement,
+        )  # fmt: skip
     else:
-        model = init_model(config, tokenizer, dtype)
+        model = init_model(config, tokenizer, dtype, placement)
 
     # ── train: SFTTrainer, or DPOTrainer / KTOTrainer; each checks its launch at step 0 ──
-    build = build_trainer if stage == "sft" else build_preference_trainer
-    trainer = build(config, model, tokenizer, dataset, run_dir, dtype)
+    if stage == "sft":
+        trainer = build_trainer(config, model, tokenizer, dataset, run_dir, args)
+    else:
+        trainer = build_preference_trainer(config, model, tokenizer, dataset, run_dir, args, placement)
     resume = resume_checkpoint(config, run_dir)
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     if trainer.state.global_step < trainer.state.max_steps:
-        # a stop request (Slurm's USR1 before the time limit): the checkpoint is the output for now
+        # a stop request (SIGTERM, USR1, the stop file; train/checkpoints.py): the checkpoint is the output
         if trainer.is_world_process_zero():
-            (run_dir / STOP_FILE).unlink(missing_ok=True)  # honoured; a resumed run must not stop again
             log.info(
                 "stopped at step %d of %d; resume with training.resume_from_checkpoint=latest",
                 trainer.state.global_step,

@@ -17,6 +17,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from train.run_dir import CONFIG_FILE, run_config
+
 METHODS = ("full", "lora", "qlora")
 STAGES = ("sft", "dpo", "kto")
 # What each stage trains on (data.readers.FORMATS, data.preference.PREFERENCE_FORMATS): OpenAssistant trees
@@ -111,7 +113,11 @@ class SlurmConfig:
     time: str = MISSING  # the job's time limit, Slurm's format ("D-HH:MM:SS", "HH:MM:SS")
     cpus_per_task: int = MISSING  # CPU cores per node (one task per node runs all its GPUs' processes)
     mem: str | None = None  # memory per node, e.g. "0" (all of it) or "500G"; None: the partition's default
-    signal_seconds: int = MISSING  # USR1 this long before the time limit: checkpoint, then requeue
+    # USR1 this long before the time limit: checkpoint, then requeue; None: the checkpoint's size (the
+    # planner's checkpoint_bytes) at checkpoint_write_gb_per_s, plus signal_margin_seconds
+    signal_seconds: int | None = None
+    checkpoint_write_gb_per_s: float = MISSING  # the run directory's file system, all nodes together
+    signal_margin_seconds: int = MISSING  # beyond the write: the step in flight, the stop, the requeue
     job_name: str = MISSING
     sbatch_extra: list[str] = field(default_factory=list)  # more `#SBATCH` options, e.g. "--exclusive"
     setup: list[str] = field(default_factory=list)  # shell lines run first: module load, env vars
@@ -158,6 +164,7 @@ class TrainingConfig:
     include_num_input_tokens_seen: str = "non_padding"  # counts tokens, for tokens/s in metrics and sweeps
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in this run's directory
     cpu_fused_lm_head: bool = False  # CPU only: TRL's chunked LM-head kernel instead of the model's own loss
+    max_shard_size: str = "5GB"  # the final model/ and exports: safetensors files of at most this size
 
 
 @dataclass
@@ -221,7 +228,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 def run_config_path(run_dir: str | None) -> str | None:
     """``${run_config:dir}`` in configs: the absolute path of a run directory's config.yaml, or None."""
-    return None if run_dir is None else str(Path(run_dir).resolve() / "config.yaml")
+    return None if run_dir is None else str(Path(run_dir).resolve() / CONFIG_FILE)
 
 
 def register_configs() -> None:
@@ -229,6 +236,15 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
     OmegaConf.register_new_resolver("sample", sample_path, replace=True)
     OmegaConf.register_new_resolver("run_config", run_config_path, replace=True)
+    # Run files from global rank 0 only (conf/config.yaml's hydra section; the rank comes from
+    # ${oc.env:RANK,0}, which torchrun sets): ${rank_zero_only:rank,value} is value on rank 0, else null;
+    # ${rank_suffix:rank} is "" on rank 0, else ".rank<k>".
+    OmegaConf.register_new_resolver(
+        "rank_zero_only", lambda rank, value: value if int(rank) == 0 else None, replace=True
+    )
+    OmegaConf.register_new_resolver(
+        "rank_suffix", lambda rank: "" if int(rank) == 0 else f".rank{int(rank)}", replace=True
+    )
 
 
 def validate(config: Config) -> list[str]:
@@ -369,8 +385,6 @@ _ARCHITECTURE = (
 
 def _init_problems(config: Config) -> list[str]:
     """``stage.init_from``: a finished run, whose model this run's model and method can start from."""
-    from train.export import run_config  # reads the run's config.yaml with this schema
-
     stage, model, method = config.stage, config.model, config.method
     start = Path(stage.init_from)
     key = "stage.init_from"
@@ -378,7 +392,7 @@ def _init_problems(config: Config) -> list[str]:
         return [f"{key}: starting from another run is for stage=dpo or kto; remove it"]
     if not start.is_dir():
         return [f"{key}: {start} is not a directory; point it at a finished SFT run (outputs/<date>/<time>)"]
-    if not (start / "config.yaml").is_file():
+    if not (start / CONFIG_FILE).is_file():
         return [
             f"{key}: {start} has no config.yaml, so it is no run directory; point it at a finished SFT run"
         ]
@@ -435,9 +449,16 @@ def _launch_problems(launch: LaunchConfig) -> list[str]:
             f"launch.num_processes: {launch.num_processes} != launch.gpus_per_node={launch.gpus_per_node}; "
             "one process per GPU: set gpus_per_node only"
         )
-    if launch.slurm.signal_seconds < 1:
+    slurm = launch.slurm
+    if slurm.signal_seconds is not None and slurm.signal_seconds < 1:
         problems.append(
-            "launch.slurm.signal_seconds: must be > 0, or the job is never warned before its limit"
+            "launch.slurm.signal_seconds: must be > 0 (or null: sized from the checkpoint), or the job is "
+            "never warned before its limit"
+        )
+    if slurm.checkpoint_write_gb_per_s <= 0 or slurm.signal_margin_seconds < 0:
+        problems.append(
+            f"launch.slurm.checkpoint_write_gb_per_s={slurm.checkpoint_write_gb_per_s}, "
+            f"signal_margin_seconds={slurm.signal_margin_seconds}: a write speed > 0 GB/s and a margin >= 0 s"
         )
     return problems
 

@@ -8,6 +8,10 @@ the 4-bit weights, so those are what it is merged into: the base loads in 4-bit 
 dequantized first, so the merged model computes what the trained one did. The result (safetensors,
 config, tokenizer) loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither peft nor
 bitsandbytes.
+
+The merge runs on the CPU, GPU or not: the base loads into host memory in the run's dtype (a 70B base in
+bf16 needs ~141 GB of RAM, plus ~40 GB of 4-bit weights while a QLoRA base dequantizes), never onto one
+GPU, and is written shard by shard (``train.sharded_save``, ``training.max_shard_size`` per file).
 """
 
 from __future__ import annotations
@@ -16,18 +20,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from train.config import Config, ConfigError, ModelConfig, load_config
-from train.outputs import CONFIG_FILE, final_dir
-
-
-def run_config(run_dir: Path) -> Config:
-    """The typed config a run was trained with, from its ``config.yaml``."""
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; run= must name a run directory (outputs/<date>/<time>)")
-    return load_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)), check=False)
+from train.config import Config, ConfigError, ModelConfig
+from train.outputs import final_dir
+from train.run_dir import run_config
 
 
 def base_of(config: Config) -> tuple[ModelConfig, int]:
@@ -62,6 +57,7 @@ def adapter_model(run_dir: Path):
     tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
     dtype = compute_dtype(config.model.dtype)
     base_config, seed = base_of(config)
+    # no placement: every weight loads (and a 4-bit base quantizes and dequantizes) on the CPU
     if config.method.load_in_4bit:
         quantized = load_4bit(base_config, tokenizer, dtype=dtype, seed=seed, method=config.method)
         # Dequantize to the dtype the 4-bit forward dequantizes to (bitsandbytes' quant state), so the
@@ -74,7 +70,11 @@ def adapter_model(run_dir: Path):
         base = quantized.dequantize(dtype=state.dtype).to(dtype)
     else:
         base = build_model(base_config, tokenizer, dtype=dtype, seed=seed)
-    return PeftModel.from_pretrained(base, adapter), tokenizer
+    devices = {parameter.device.type for parameter in base.parameters()}
+    if devices != {"cpu"}:
+        raise RuntimeError(f"export merges on the CPU, but the base of {run_dir} loaded on {sorted(devices)}")
+    # peft reads the adapter onto the GPU when there is one (its infer_device), however the base is placed
+    return PeftModel.from_pretrained(base, adapter, torch_device="cpu"), tokenizer
 
 
 def merged_model(run_dir: Path):
@@ -84,10 +84,21 @@ def merged_model(run_dir: Path):
 
 
 def export(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the merged checkpoint (safetensors) and tokenizer to ``out`` (default ``<run>/merged``)."""
+    """Write the merged checkpoint (safetensors shards, in the run's dtype) and tokenizer to ``out``
+    (default ``<run>/merged``)."""
+    from train.model import compute_dtype
+    from train.sharded_save import save_full_model
+
     out = out or run_dir / "merged"
+    config = run_config(run_dir)
     model, tokenizer = merged_model(run_dir)
-    model.save_pretrained(out)
+    save_full_model(
+        model,
+        out,
+        is_writer=True,
+        dtype=compute_dtype(config.model.dtype),
+        max_shard_size=config.training.max_shard_size,
+    )
     tokenizer.save_pretrained(out)
     return out
 

@@ -6,15 +6,20 @@ where a bf16 matmul is ~200× slower (no native bf16 on AVX2).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import os
+import shutil
 import tempfile
+import uuid
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from train.config import MethodConfig, ModelConfig
+from train.placement import Placement, launched_with_fsdp, release_freed_host_memory
 
 
 def compute_dtype(requested: str) -> torch.dtype:
@@ -56,29 +61,34 @@ def llama_config(model: ModelConfig, tokenizer) -> LlamaConfig:
 
 
 def build_model(
-    model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, method: MethodConfig | None = None
+    model: ModelConfig,
+    tokenizer,
+    *,
+    dtype: torch.dtype,
+    seed: int,
+    method: MethodConfig | None = None,
+    placement: Placement | None = None,
 ) -> PreTrainedModel:
     """The base model: from ``model.path`` (safetensors only, no remote code) or random weights.
 
     Random weights depend only on ``seed``, so a tiny run's base model can be rebuilt
     exactly to load its adapter back. With ``method.load_in_4bit`` (QLoRA) the weights load
-    through bitsandbytes as 4-bit NF4 with ``dtype`` compute, prepared for k-bit training;
-    random weights take the same path, saved once to a temporary checkpoint first.
+    through bitsandbytes as 4-bit NF4 with ``dtype`` compute onto this process's device
+    (``placement``), prepared for k-bit training; random weights take the same path, saved once
+    to a temporary checkpoint first. Weights are stored in ``weights_dtype``. Call it after
+    ``train.placement.place_processes``: that is what makes FSDP read the checkpoint on one
+    rank per node and ZeRO-3 partition it while reading.
     """
     if method is not None and method.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        quantized = load_4bit(model, tokenizer, dtype=dtype, seed=seed, method=method)
+        quantized = load_4bit(model, tokenizer, dtype=dtype, seed=seed, method=method, placement=placement)
         return prepare_model_for_kbit_training(
             quantized, use_gradient_checkpointing=model.gradient_checkpointing
         )
+    dtype = weights_dtype(method, dtype, placement)
     if model.path is not None:
-        return AutoModelForCausalLM.from_pretrained(
-            model.path,
-            dtype=dtype,
-            **_LOAD_SAFELY,
-            attn_implementation=attention_implementation(model.attn_implementation),
-        )
+        return load_checkpoint(model.path, dtype, attention_implementation(model.attn_implementation))
     config = llama_config(model, tokenizer)
     config._attn_implementation = attention_implementation(model.attn_implementation)
     with torch.random.fork_rng(devices=[]):
@@ -86,22 +96,51 @@ def build_model(
         return LlamaForCausalLM(config).to(dtype)
 
 
+def weights_dtype(
+    method: MethodConfig | None, compute: torch.dtype, placement: Placement | None
+) -> torch.dtype:
+    """The dtype the weights are stored in (docs/memory.md, "Precision policy"): trainable weights always
+    have an fp32 master copy, so full fine-tuning under a torch engine (one process, DDP) loads fp32 and
+    computes in ``compute`` under autocast (the trainer's ``bf16=True``). FSDP2 and DeepSpeed keep that
+    master copy themselves (accelerate upcasts trainable shards to fp32, DeepSpeed's optimizer holds an
+    fp32 partition), so they load in ``compute``; so do LoRA's frozen base weights."""
+    full = method is not None and method.name == "full"
+    engine = placement.engine if placement is not None else "NO"
+    if full and engine in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        return torch.float32
+    return compute
+
+
+def load_checkpoint(path: str, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
+    """A local safetensors checkpoint, read the way this process's placement says (once per node under
+    FSDP and ZeRO-3: call it after ``place_processes``), then the heap that reading freed given back."""
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, **_LOAD_SAFELY, attn_implementation=attn_implementation
+    )
+    release_freed_host_memory()  # transient tensors, zero.Init's gathers
+    return loaded
+
+
 # Weights come from a local directory, as safetensors, and never run code shipped with them.
 _LOAD_SAFELY = {"use_safetensors": True, "local_files_only": True, "trust_remote_code": False}
 
 
-def launched_with_fsdp() -> bool:
-    """``accelerate launch`` with an FSDP config (it sets ACCELERATE_USE_FSDP for every process)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, method: MethodConfig):
-    """The base model as bitsandbytes 4-bit weights (``method``'s quant type, double quantization)."""
+def load_4bit(
+    model: ModelConfig,
+    tokenizer,
+    *,
+    dtype: torch.dtype,
+    seed: int,
+    method: MethodConfig,
+    placement: Placement | None = None,
+):
+    """The base model as bitsandbytes 4-bit weights (``method``'s quant type, double quantization),
+    quantized on this process's device (``placement``; CPU without one)."""
     from transformers import BitsAndBytesConfig
 
     settings = {}
-    if launched_with_fsdp():
-        # FSDP shards float tensors only: 4-bit weights packed into the compute dtype shard like the rest
+    if launched_with_fsdp() or (placement is not None and placement.engine == "DEEPSPEED"):
+        # FSDP and ZeRO-3 shard float tensors only: 4-bit weights packed in the compute dtype shard too
         settings["bnb_4bit_quant_storage"] = dtype
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -110,16 +149,51 @@ def load_4bit(model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, m
         bnb_4bit_compute_dtype=dtype,  # bf16 on GPU; fp32 on CPU, where bf16 compute is ~80x slower
         **settings,
     )
-    with tempfile.TemporaryDirectory(prefix="random-weights-") as scratch:
-        path = model.path
-        if path is None:
-            build_model(model, tokenizer, dtype=dtype, seed=seed).save_pretrained(scratch)
-            path = scratch
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    device_map = {"": "cpu"} if placement is None else placement.device_map
+    if placement is not None and placement.zero3_init:
+        device_map = None  # ZeRO-3 places weights itself: transformers refuses a device_map there
+    with random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement) as path:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=quantization, device_map=device_map, **_LOAD_SAFELY,
             attn_implementation=attention_implementation(model.attn_implementation),
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def random_checkpoint(
+    model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, placement: Placement | None
+):
+    """``model.path``, or for random weights a checkpoint of them that ``from_pretrained`` can quantize,
+    written once per node by its main process into the node's temporary directory, removed once every rank
+    loaded it.
+
+    Not ``save_pretrained``: once a process group exists it writes on global rank 0 only
+    (transformers' ``should_save_on_this_rank``), and every node needs the files.
+    """
+    if model.path is not None:
+        yield model.path
+        return
+    distributed = torch.distributed.is_initialized()
+    name = [f"random-weights-{uuid.uuid4().hex}"]
+    if distributed:
+        torch.distributed.broadcast_object_list(name, src=0)  # one name for every node
+    path = Path(tempfile.gettempdir()) / name[0]
+    local_main = placement is None or placement.is_local_main
+    if local_main:
+        path.mkdir()
+        weights = build_model(model, tokenizer, dtype=dtype, seed=seed)
+        weights.config.save_pretrained(path)
+        save_model(weights, str(path / "model.safetensors"), metadata={"format": "pt"})  # tied weights once
+        del weights
+    try:
+        if distributed:
+            torch.distributed.barrier()
+        yield str(path)
+        if distributed:
+            torch.distributed.barrier()
+    finally:
+        if local_main:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def build_peft_config(method: MethodConfig) -> LoraConfig | None:

@@ -8,13 +8,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
+from train.run_dir import CONFIG_FILE
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
-CONFIG_FILE = "config.yaml"
 
 
 def save_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """Write the fully resolved config, so the run can be reproduced from its directory alone."""
+    """Write the fully resolved config, so the run can be reproduced from its directory alone.
+
+    Call it on global rank 0 only: every process of a launch runs it otherwise, into one shared file."""
     path = run_dir / CONFIG_FILE
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
@@ -27,12 +30,13 @@ class MetricsJsonl(TrainerCallback):
         self.path = path
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and state.global_step > 0 and self.path.is_file():
+        if state.is_world_process_zero and self.path.is_file():
             self.keep_until(state.global_step)
 
     def keep_until(self, step: int) -> None:
         """Resuming at ``step``: drop what the interrupted run logged after its checkpoint, and its
-        end-of-run rows, so the log reads as one run, each step once."""
+        end-of-run rows, so the log reads as one run, each step once. At step 0 (a run that died before
+        its first checkpoint, started again in its directory) nothing is kept."""
         rows = [
             row
             for row in read_metrics(self.path)

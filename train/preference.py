@@ -16,6 +16,7 @@ does not have.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from pathlib import Path
@@ -26,21 +27,25 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+from trl.trainer import dpo_trainer, kto_trainer
 from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
 
-from train.config import STAGE_SETTINGS, Config
-from train.export import base_of, merged_model, run_config
-from train.model import build_model, build_peft_config
+from train.config import Config
+from train.export import base_of, merged_model
+from train.model import build_model, build_peft_config, load_checkpoint
 from train.outputs import METRICS_FILE, MetricsJsonl, final_dir
-from train.trainer import ShardedOnCpu, configure_wandb, keep_adapter_in_compute_dtype, trl_config, watch_run
+from train.placement import Placement
+from train.run_dir import run_config
+from train.trainer import ShardedOnCpu, configure_wandb, keep_adapters_fp32, watch_run
 
 
 class LlamaDPOTrainer(ShardedOnCpu, DPOTrainer):
     """TRL's DPOTrainer on rows with ``prompt_ids``, ``chosen_ids``, ``rejected_ids``."""
 
-    def __init__(self, *args, compute_dtype: torch.dtype, cpu_fused_lm_head: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        _after_init(self, compute_dtype, cpu_fused_lm_head)
+    def __init__(self, *args, cpu_fused_lm_head: bool = False, **kwargs):
+        with reference_from_rank_zero(dpo_trainer):
+            super().__init__(*args, **kwargs)
+        _after_init(self, cpu_fused_lm_head)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset
@@ -49,9 +54,10 @@ class LlamaDPOTrainer(ShardedOnCpu, DPOTrainer):
 class LlamaKTOTrainer(ShardedOnCpu, KTOTrainer):
     """TRL's KTOTrainer on rows with ``prompt_ids``, ``completion_ids``, ``label``."""
 
-    def __init__(self, *args, compute_dtype: torch.dtype, cpu_fused_lm_head: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        _after_init(self, compute_dtype, cpu_fused_lm_head)
+    def __init__(self, *args, cpu_fused_lm_head: bool = False, **kwargs):
+        with reference_from_rank_zero(kto_trainer):
+            super().__init__(*args, **kwargs)
+        _after_init(self, cpu_fused_lm_head)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if not self.calculate_KL:
@@ -68,17 +74,41 @@ class LlamaKTOTrainer(ShardedOnCpu, KTOTrainer):
             )
 
 
+@contextlib.contextmanager
+def reference_from_rank_zero(trainer_module):
+    """While a DPO/KTO trainer is built: shard its reference model under FSDP2 the way accelerate shards the
+    policy, broadcasting rank 0's weights when only rank 0 read them (``fsdp_cpu_ram_efficient_loading``).
+
+    TRL's ``prepare_fsdp`` (trl/models/utils.py) calls ``fully_shard`` without that broadcast, so a reference
+    that ranks other than 0 hold only as shapes (``reference_copy``) would keep their uninitialised values.
+    accelerate's ``fsdp2_prepare_model`` is the policy's own path; everything else stays TRL's.
+    """
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    trl_prepare = trainer_module.prepare_fsdp
+
+    def prepare(model, accelerator):
+        plugin = accelerator.state.fsdp_plugin
+        if plugin.fsdp_version == 2 and plugin.cpu_ram_efficient_loading:
+            return fsdp2_prepare_model(accelerator, model)
+        return trl_prepare(model, accelerator)
+
+    trainer_module.prepare_fsdp = prepare
+    try:
+        yield
+    finally:
+        trainer_module.prepare_fsdp = trl_prepare
+
+
 def _rotated_completions(batch: dict) -> dict:
     completions = batch["completion_ids"]
     return {"KL_completion_ids": completions[-1:] + completions[:-1]}
 
 
-def _after_init(
-    trainer: DPOTrainer | KTOTrainer, compute_dtype: torch.dtype, cpu_fused_lm_head: bool
-) -> None:
-    """What TRL's __init__ decided that a run on this device undoes: the bf16 QLoRA adapter, and on CPU
-    the chunked LM-head kernel (``score_with_model_logits``)."""
-    keep_adapter_in_compute_dtype(trainer.model, compute_dtype)
+def _after_init(trainer: DPOTrainer | KTOTrainer, cpu_fused_lm_head: bool) -> None:
+    """What TRL's __init__ decided that a run undoes: the bf16 QLoRA adapter (``keep_adapters_fp32``), and
+    on CPU the chunked LM-head kernel (``score_with_model_logits``)."""
+    keep_adapters_fp32(trainer.model)
     if isinstance(trainer.model, PeftModel) and "ref" in trainer.model.peft_config:
         # A starting adapter (init_model): TRL copied it to "ref" before casting a quantized model's adapter
         # to bf16, so the frozen copy holds its exact values; the trained one starts from them again (step 0:
@@ -134,7 +164,7 @@ def score_with_model_logits(model: PreTrainedModel) -> None:
 
 
 # ── the model a run starts from ───────────────────────────────────────────────────────────────
-def init_model(config: Config, tokenizer, dtype: torch.dtype):
+def init_model(config: Config, tokenizer, dtype: torch.dtype, placement: Placement | None = None):
     """The model a dpo/kto run with ``stage.init_from`` starts from (validated by ``train.config``).
 
     - the run was full fine-tuning: its ``model/`` weights are this run's base; this run's method applies
@@ -151,38 +181,70 @@ def init_model(config: Config, tokenizer, dtype: torch.dtype):
         merged, _ = merged_model(start)
         return merged.to(dtype).requires_grad_(True)
     base, seed = base_of(config)
-    model = build_model(base, tokenizer, dtype=dtype, seed=seed, method=config.method)
+    model = build_model(base, tokenizer, dtype=dtype, seed=seed, method=config.method, placement=placement)
     if previous.method.name == "full":
         return model
     return PeftModel.from_pretrained(model, final_dir(start, previous.method.name), is_trainable=True)
 
 
 # ── the trainer ──────────────────────────────────────────────────────────────────────────────
-_TRAINERS = {"dpo": (LlamaDPOTrainer, DPOConfig), "kto": (LlamaKTOTrainer, KTOConfig)}
+_TRAINERS = {"dpo": LlamaDPOTrainer, "kto": LlamaKTOTrainer}
 
 
-def build_preference_trainer(config: Config, model, tokenizer, dataset: Dataset, run_dir: Path, dtype):
-    """TRL's trainer for ``stage.name`` (dpo or kto) on prepared preference rows, with ``stage.*`` as its
-    DPOConfig/KTOConfig settings and the callbacks every run has (metrics, launch check, checkpoints)."""
+def reference_copy(model: PreTrainedModel, args: DPOConfig | KTOConfig, placement: Placement | None):
+    """Full fine-tuning's reference: the starting weights, frozen, in the compute dtype (a frozen copy needs
+    no fp32 master). Under FSDP's rank-0 loading, rank 0's weights are broadcast to every other rank: those
+    build the reference as shapes on the meta device and get rank 0's values when it is sharded
+    (``reference_from_rank_zero``), so no rank but 0 ever holds a whole second copy. Under ZeRO-3 it is
+    partitioned while read, as the policy was."""
+    compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        # ZeRO-3's zero.Init partitioned the policy as it was read (a deepcopy would copy DeepSpeed's
+        # bookkeeping, not weights): the reference is read the same way, from the same checkpoint
+        return (
+            load_checkpoint(model.name_or_path, compute, model.config._attn_implementation)
+            .requires_grad_(False)
+            .eval()
+        )
+    if placement is not None and placement.loads_on_rank_zero and not placement.is_main:
+        with torch.device("meta"):
+            reference = type(model)(model.config)
+        # buffers are not broadcast (rotary inv_freq is not in the state dict): the policy's, which are real
+        buffers = dict(model.named_buffers())
+        for name, _ in list(reference.named_buffers()):
+            owner, _, leaf = name.rpartition(".")
+            module = reference.get_submodule(owner)
+            persistent = leaf not in module._non_persistent_buffers_set
+            module.register_buffer(leaf, buffers[name].clone(), persistent=persistent)
+    else:
+        reference = copy.deepcopy(model)
+    return reference.requires_grad_(False).eval().to(compute)
+
+
+def build_preference_trainer(
+    config: Config,
+    model,
+    tokenizer,
+    dataset: Dataset,
+    run_dir: Path,
+    args: DPOConfig | KTOConfig,
+    placement: Placement | None = None,
+):
+    """TRL's trainer for ``stage.name`` (dpo or kto) on prepared preference rows, with ``args`` from
+    ``train.trainer.training_args`` (``stage.*`` as DPOConfig/KTOConfig settings) and the callbacks every run
+    has (metrics, launch check, checkpoints)."""
     if "wandb" in config.training.report_to:
         configure_wandb(config, run_dir)
-    trainer_class, config_class = _TRAINERS[config.stage.name]
-    settings = {
-        key: getattr(config.stage, key) for key in STAGE_SETTINGS if config.stage.name in STAGE_SETTINGS[key]
-    }
     adapter = isinstance(model, PeftModel)  # an adapter a run started from: it trains on (init_model)
-    reference = None
-    if config.method.name == "full":
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
-    trainer = trainer_class(
+    reference = reference_copy(model, args, placement) if config.method.name == "full" else None
+    trainer = _TRAINERS[config.stage.name](
         model=model,
         ref_model=reference,
-        args=trl_config(config_class, config, run_dir, dtype, **settings),
+        args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=None if adapter else build_peft_config(config.method),
         callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
-        compute_dtype=dtype,
         cpu_fused_lm_head=config.training.cpu_fused_lm_head,
     )
     return watch_run(trainer, config, run_dir)

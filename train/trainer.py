@@ -1,43 +1,43 @@
-"""The TRL trainer for a run: SFTConfig from ``training.*`` (same names) plus what the device decides."""
+"""The TRL trainer for a run: its arguments from ``training.*`` (same names) plus what the device decides,
+SFTTrainer for stage=sft (train/preference.py has DPO/KTO), and what every stage's run attaches to it."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-from collections import Counter
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
-from torch.distributed.tensor import DTensor
-from transformers import Trainer, TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from trl import DPOConfig, KTOConfig, SFTConfig, SFTTrainer
 
-from train.checkpoints import CompleteCheckpoints, latest_checkpoint
-from train.config import Config, LaunchConfig
-from train.model import build_peft_config, launched_with_fsdp
+from train.checkpoints import CompleteCheckpoints
+from train.config import STAGE_SETTINGS, Config
+from train.launch_check import LaunchCheck
+from train.model import build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
+from train.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
+from train.run_dir import CHECKPOINTS_DIR, latest_checkpoint
+from train.state_bytes import StateBytes
+
+_ARGUMENTS = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig}
 
 
-def sft_config(config: Config, run_dir: Path, dtype: torch.dtype) -> SFTConfig:
-    """``training.*`` mapped onto ``SFTConfig`` by name; precision and device follow ``dtype``."""
-    return trl_config(SFTConfig, config, run_dir, dtype)
-
-
-def trl_config(trl_class: type, config: Config, run_dir: Path, dtype: torch.dtype, **settings):
-    """``training.*`` and ``settings`` mapped by name onto ``trl_class``: ``SFTConfig``, or ``DPOConfig``/
-    ``KTOConfig`` (which have no packing); precision and device follow ``dtype``."""
+def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+    """``training.*`` (and ``stage.*`` for dpo/kto) mapped by name onto the stage's TRL config:
+    ``SFTConfig``, ``DPOConfig`` or ``KTOConfig`` (which have no packing); precision and device follow
+    ``dtype``. Built before the model: creating it creates accelerate's state (train/placement.py)."""
+    stage = config.stage.name
     training = dataclasses.asdict(config.training)
-    for not_trl_config in ("resume_from_checkpoint", "cpu_fused_lm_head"):
+    for not_trl_config in ("resume_from_checkpoint", "cpu_fused_lm_head", "max_shard_size"):
         training.pop(not_trl_config)
-    if trl_class is not SFTConfig:
+    if stage != "sft":
         for sft_only in ("packing", "packing_strategy"):
             training.pop(sft_only)
-    return trl_class(
-        output_dir=str(run_dir / "checkpoints"),
+    settings = {key: getattr(config.stage, key) for key, stages in STAGE_SETTINGS.items() if stage in stages}
+    return _ARGUMENTS[stage](
+        output_dir=str(run_dir / CHECKPOINTS_DIR),
         run_name=run_dir.name,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -60,16 +60,31 @@ def configure_wandb(config: Config, run_dir: Path) -> None:
 
 class ShardedOnCpu(Trainer):
     """Mixed into every stage's trainer: FSDP shards on CPU too (``shard_with_fsdp_on_cpu``), and the
-    final save gathers whole weights while checkpoints stay sharded."""
+    final save streams one tensor at a time while checkpoints stay sharded."""
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         self.is_fsdp_enabled = self.is_fsdp_enabled or shard_with_fsdp_on_cpu(self.accelerator, self.args)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if self.is_fsdp_enabled and not _internal_call:
-            # checkpoints stay sharded; the final adapter/ or model/ gathers full weights, to load anywhere
-            self.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        """Checkpoints (``_internal_call``) stay Trainer's, sharded. The final ``adapter/`` or ``model/`` is
+        written by ``train.sharded_save``, one tensor gathered at a time, so no process ever holds the whole
+        model (FSDP's FULL_STATE_DICT, DeepSpeed's 16-bit consolidation would put all of it on rank 0)."""
+        from train.sharded_save import MAX_SHARD_SIZE, save_final
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not _internal_call:
+            max_shard_size = getattr(self, "max_shard_size", MAX_SHARD_SIZE)  # training.max_shard_size
+            tokenizer = self.processing_class
+            save_final(model, output_dir or self.args.output_dir, args=self.args, tokenizer=tokenizer,
+                       max_shard_size=max_shard_size)  # fmt: skip
+            return
+        if self.is_deepspeed_enabled and isinstance(model, PreTrainedModel):
+            zero = self.accelerator.deepspeed_config["zero_optimization"]["stage"]
+            if zero == 3 and not self.model_wrapped.zero_gather_16bit_weights_on_model_save():
+                # Trainer would write a DeepSpeed checkpoint here, then the same again with the optimizer's
+                # states (_save_optimizer_and_scheduler): that second one is the checkpoint resume reads
+                return
         super().save_model(output_dir, _internal_call)
 
 
@@ -82,14 +97,14 @@ class LlamaSFTTrainer(ShardedOnCpu, SFTTrainer):
     model's own (same value, same ``num_items_in_batch`` normalisation, from transformers'
     ``Trainer``); the fused kernel's extra metrics (entropy, token accuracy) are GPU-only.
 
-    Under FSDP it also shards on CPU (``shard_with_fsdp_on_cpu``), and its final save gathers
-    whole weights while its checkpoints stay sharded.
+    Under FSDP it also shards on CPU (``shard_with_fsdp_on_cpu``), and its final save streams one
+    tensor at a time while its checkpoints stay sharded (``ShardedOnCpu``).
     """
 
-    def __init__(self, *args, compute_dtype: torch.dtype, cpu_fused_lm_head: bool = False, **kwargs):
+    def __init__(self, *args, cpu_fused_lm_head: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_loss = self.args.use_cpu and not cpu_fused_lm_head
-        keep_adapter_in_compute_dtype(self.model, compute_dtype)
+        keep_adapters_fp32(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.model_loss:
@@ -97,137 +112,44 @@ class LlamaSFTTrainer(ShardedOnCpu, SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def keep_adapter_in_compute_dtype(model, compute_dtype: torch.dtype) -> None:
-    """Undo TRL's cast of a quantized model's adapter to bf16 when the run computes in fp32 (CPU), where
-    every LoRA matmul would otherwise run in bf16, ~200x slower. TRL's trainers all cast it in __init__."""
-    if getattr(model, "is_loaded_in_4bit", False) and compute_dtype != torch.bfloat16:
+def keep_adapters_fp32(model) -> None:
+    """Undo TRL's cast of a quantized model's adapter to bf16 (every TRL trainer does it in __init__, citing
+    the QLoRA paper): trainable weights keep an fp32 master copy on every device (docs/memory.md). In bf16 a
+    LoRA weight of ~0.016 moves in steps of ~6e-5, so updates of ~lr (DPO's 5e-6) would be lost; on CPU
+    bf16 matmuls are also ~200x slower. Compute stays in the run's dtype (autocast, peft's input casts)."""
+    if getattr(model, "is_loaded_in_4bit", False):
         for parameter in model.parameters():
             if parameter.requires_grad:
-                parameter.data = parameter.data.to(compute_dtype)
+                parameter.data = parameter.data.float()
 
 
-def shard_with_fsdp_on_cpu(accelerator: Accelerator, args: SFTConfig) -> bool:
-    """Make an FSDP launch on CPU real FSDP2, as accelerate makes it on a GPU; True when it did.
-
-    accelerate sets ``DistributedType.FSDP`` only on accelerator devices: on CPU it builds
-    ``MULTI_CPU`` and drops the FSDP plugin, so the run would train as DDP and say nothing
-    (accelerate 1.15, state.py). torch's ``fully_shard`` and accelerate's FSDP2 path both run on
-    gloo, so the state is all that is missing. On a GPU accelerate sets it itself: nothing to do.
-    The plugin is the one ``accelerate launch`` wrote into ``FSDP_*`` (launch/accelerate/fsdp.yaml).
-    """
-    state = accelerator.state
-    if (
-        torch.cuda.is_available()
-        or not launched_with_fsdp()
-        or state.distributed_type != DistributedType.MULTI_CPU
-    ):
-        return False
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
-    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    return True
-
-
-# accelerate's distributed types that carry out each launch strategy.
-_ENGINES = {
-    "single": ("NO",),
-    "ddp": ("MULTI_GPU", "MULTI_CPU"),
-    "fsdp": ("FSDP",),
-    "zero2": ("DEEPSPEED",),
-    "zero3": ("DEEPSPEED",),
-    "zero3_offload": ("DEEPSPEED",),
-}
-
-
-# What the wrapped model must show of each sharded strategy (DeepSpeed's own words for ZeRO).
-_SHARDING = {
-    "fsdp": "every parameter a DTensor shard",
-    "zero2": "ZeRO-2, offload optimizer none, parameters none",
-    "zero3": "ZeRO-3, offload optimizer none, parameters none",
-    "zero3_offload": "ZeRO-3, offload optimizer cpu, parameters cpu",
-}
-
-
-def _sharding(strategy: str, model, rank: int) -> tuple[str, bool]:
-    """How ``model`` is spread over the processes, in words, and whether that is what ``strategy`` asks."""
-    if strategy == "fsdp":
-        parameters = list(model.parameters())
-        whole = Counter(type(p).__name__ for p in parameters if not isinstance(p, DTensor))
-        held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters)
-        share = held / sum(p.numel() for p in parameters)
-        words = f"{len(parameters) - whole.total()}/{len(parameters)} parameters DTensor shards"
-        if whole:  # e.g. QLoRA's Params4bit, which FSDP leaves whole unless bnb_4bit_quant_storage is a float
-            words += " (whole: " + ", ".join(f"{n} {kind}" for kind, n in whole.items()) + ")"
-        return f"{words}, rank {rank} holds {share:.0%}", not whole
-    offload = (
-        getattr(o, "device", "none") for o in (model.zero_offload_optimizer(), model.zero_offload_param())
-    )
-    words = "ZeRO-{}, offload optimizer {}, parameters {}".format(model.zero_optimization_stage(), *offload)
-    return words, words == _SHARDING[strategy]
-
-
-class LaunchCheck(TrainerCallback):
-    """At the first step, makes sure the run is what its launch config asked for, and says so.
-
-    Several launches exit 0 without doing what was asked (a multi-CPU config that starts one
-    process, FSDP falling back to DDP on CPU), so the world size, the distributed engine, the
-    wrapped model's class and how it is sharded (``_SHARDING``) are checked, not assumed.
-    """
-
-    def __init__(self, trainer: Trainer, launch: LaunchConfig):
-        self.trainer, self.launch = trainer, launch
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        accelerator = self.trainer.accelerator
-        engine = accelerator.state.distributed_type.value
-        expected = self.launch.num_processes * self.launch.num_machines
-        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
-        wrapped = type(self.trainer.model_wrapped).__name__
-        report = (
-            f"launch={self.launch.name}: {accelerator.num_processes} process(es), engine {engine}, "
-            f"backend {backend}, model {wrapped}"
-        )
-        problem = None
-        if accelerator.num_processes != expected or engine not in _ENGINES[self.launch.strategy]:
-            problem = (
-                f"asks for {expected} process(es) with {' or '.join(_ENGINES[self.launch.strategy])}: start "
-                f"it with `python -m launch launch={self.launch.name} launch.run=true ...` (or the "
-                "accelerate line it prints)"
-            )
-        elif self.launch.strategy in _SHARDING:
-            sharding, as_asked = _sharding(
-                self.launch.strategy, self.trainer.model_wrapped, accelerator.process_index
-            )
-            report += f", {sharding}"
-            if not as_asked:
-                problem = f"asks for {_SHARDING[self.launch.strategy]}: check {self.launch.accelerate_config}"
-        if problem:
-            raise RuntimeError(f"{report}; but launch={self.launch.name} {problem}")
-        if accelerator.is_main_process:
-            logging.getLogger("train").info("%s", report)
-
-
-def build_trainer(config: Config, model, tokenizer, dataset: Dataset, run_dir: Path, dtype) -> SFTTrainer:
+def build_trainer(
+    config: Config, model, tokenizer, dataset: Dataset, run_dir: Path, args: SFTConfig
+) -> SFTTrainer:
     """TRL's SFTTrainer on the encoded dataset; it folds ``assistant_masks`` into the labels itself."""
     if "wandb" in config.training.report_to:
         configure_wandb(config, run_dir)
     trainer = LlamaSFTTrainer(
         model=model,
-        args=sft_config(config, run_dir, dtype),
+        args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=build_peft_config(config.method),
         callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
-        compute_dtype=dtype,
         cpu_fused_lm_head=config.training.cpu_fused_lm_head,
     )
     return watch_run(trainer, config, run_dir)
 
 
 def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
-    """Attach what every stage's run needs besides its metrics: the launch check at step 0, and checkpoints
-    marked COMPLETE with the stop file honoured (Slurm preemption, then resume)."""
+    """Attach what every stage's run needs besides its metrics: at step 0 the host memory loading freed is
+    given back and the launch is checked; checkpoints are marked COMPLETE, and a stop request (SIGTERM, USR1,
+    the stop file) checkpoints and stops; each rank writes what it holds after the first step."""
+    trainer.max_shard_size = config.training.max_shard_size  # the final model/ (ShardedOnCpu.save_model)
+    trainer.add_callback(ReleaseLoadingMemory())
     trainer.add_callback(LaunchCheck(trainer, config.launch))
     trainer.add_callback(CompleteCheckpoints(trainer, run_dir))
+    trainer.add_callback(StateBytes(run_dir))  # state_bytes/rank<k>.json: what each rank holds after step 1
     return trainer
 
 
@@ -235,6 +157,6 @@ def resume_checkpoint(config: Config, run_dir: Path) -> str | None:
     """``training.resume_from_checkpoint``: a directory, or ``latest`` for this run's newest complete one."""
     resume = config.training.resume_from_checkpoint
     if resume == "latest":
-        latest = latest_checkpoint(run_dir / "checkpoints")
+        latest = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
         return str(latest) if latest else None
     return resume

@@ -1,0 +1,102 @@
+"""Placement before weights: accelerate's state, this rank's device, the storage dtype, and what one
+checkpoint costs each process's host memory under DDP, FSDP and ZeRO-3 (real 2-process launches)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from test_config import composed
+
+from train.config import ConfigError, load_config
+from train.model import weights_dtype
+from train.placement import Placement, place_processes
+from train.trainer import training_args
+
+
+def config_of(*overrides: str):
+    return load_config(composed("training.report_to=[]", *overrides))
+
+
+def test_one_process_is_placed_on_cpu_here(tmp_path):
+    config = config_of()
+    placement = place_processes(config.launch, training_args(config, tmp_path, torch.float32))
+    assert (placement.rank, placement.local_rank, placement.world_size) == (0, 0, 1)
+    assert placement.device == torch.device("cpu") and placement.engine == "NO"
+    assert not placement.loads_on_rank_zero and not placement.zero3_init
+    assert placement.device_map == {"": "cpu"}
+
+
+def test_several_gpus_under_launch_local_are_refused_before_anything_loads(tmp_path, monkeypatch):
+    """No GPU here: the device count is the one thing faked; the refusal comes before CUDA is touched."""
+    config = config_of()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError) as error:
+        place_processes(config.launch, args=None)  # refused before the arguments are even looked at
+    message = str(error.value)
+    assert "8 GPUs are visible to one process" in message and "nn.DataParallel" in message
+    assert "python -m launch launch=ddp launch.num_processes=8 launch.run=true" in message
+    assert "CUDA_VISIBLE_DEVICES=0 python -m train" in message
+
+
+def test_quantized_weights_go_to_this_ranks_own_gpu():
+    """bitsandbytes quantizes on the device it loads to: rank 3's weights on cuda:3, not on GPU 0."""
+    placement = Placement(
+        rank=11, local_rank=3, world_size=16, device=torch.device("cuda", 3), engine="MULTI_GPU",
+        loads_on_rank_zero=False, zero3_init=False,
+    )  # fmt: skip
+    assert placement.device_map == {"": 3}
+    assert not placement.is_main and not placement.is_local_main
+
+
+@pytest.mark.parametrize(
+    ("method", "engine", "stored"),
+    [
+        ("full", "NO", torch.float32),  # fp32 master weights, bf16 autocast
+        ("full", "MULTI_GPU", torch.float32),
+        ("full", "FSDP", torch.bfloat16),  # accelerate upcasts the trainable shards to fp32 itself
+        ("full", "DEEPSPEED", torch.bfloat16),  # DeepSpeed's optimizer holds the fp32 partition
+        ("lora", "NO", torch.bfloat16),  # frozen base; peft keeps the adapter in fp32
+        ("lora", "FSDP", torch.bfloat16),
+    ],
+)
+def test_weights_are_stored_as_the_precision_policy_says(method, engine, stored):
+    placement = Placement(0, 0, 1, torch.device("cpu"), engine, False, False)
+    method_config = config_of(f"method={method}").method
+    assert weights_dtype(method_config, torch.bfloat16, placement) == stored
+    assert weights_dtype(method_config, torch.float32, placement) == torch.float32  # CPU: fp32 throughout
+
+
+@pytest.fixture(scope="module")
+def load_memory(tmp_path_factory):
+    """bench/load_memory.py's measurement: one ~1.8 GiB checkpoint, loaded by 2 processes per launch."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import load_memory
+
+    work = tmp_path_factory.mktemp("load-memory")
+    checkpoint = work / "checkpoint"
+    checkpoint.mkdir()
+    size = load_memory.build_checkpoint(checkpoint)
+    return size, {name: load_memory.measure(name, checkpoint, work) for name in ("ddp", "fsdp", "zero3")}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_read_once_per_node_under_fsdp_and_zero3(load_memory):
+    """At step 0 rank 1 of a DDP launch holds a whole copy of the weights; under FSDP it holds its half,
+    received from rank 0's broadcast, and under ZeRO-3 its partition, cut while rank 0 read. While loading,
+    a sharded rank also holds one whole tensor at a time (the 0.49 GiB LM head here); DDP's about two
+    copies. Generous margins: this proves the ordering, bench/load_memory.py prints the figures."""
+    size, runs = load_memory
+    held = {name: run["held"][1] - run["before"][1] for name, run in runs.items()}
+    loading = {name: run["load"][1] - run["before"][1] for name, run in runs.items()}
+    assert held["ddp"] > 0.9 * size, held
+    for sharded in ("fsdp", "zero3"):
+        assert held[sharded] < 0.7 * size, (sharded, held)
+        assert loading[sharded] < loading["ddp"] - 0.4 * size, (sharded, loading)
+    assert "checkpoint read by local rank 0, broadcast to the others (FSDP)" in runs["fsdp"]["log"]
+    assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in runs["zero3"]["log"]
+    assert "every process reads the checkpoint" in runs["ddp"]["log"]

@@ -1,0 +1,172 @@
+"""Placement before weights: every process knows its rank, its device and its launch engine before any
+weight loads, so a big checkpoint is read once per node and each rank's weights land on its own GPU.
+
+transformers and accelerate do this implicitly, but only once the trainer has built its arguments, and a
+model loaded before that misses all of it (transformers 5.24, accelerate 1.15, read from their sources):
+
+- the process group: ``TrainingArguments`` creates accelerate's ``PartialState`` (``_setup_devices``),
+  which calls ``init_process_group`` and, on a GPU, ``torch.cuda.set_device(LOCAL_RANK)``;
+- FSDP's rank-0 loading: ``from_pretrained`` reads real weights only on local rank 0 when a process group
+  exists, ``ACCELERATE_USE_FSDP`` and ``FSDP_CPU_RAM_EFFICIENT_LOADING`` are set
+  (``transformers.distributed.fsdp.is_fsdp_enabled``); the other ranks hold empty tensors until
+  accelerate's FSDP2 prepare broadcasts rank 0's (``fsdp_utils.fsdp2_load_full_state_dict``);
+- DeepSpeed ZeRO-3's ``zero.Init``: ``from_pretrained`` partitions each weight as it is read only while an
+  ``HfDeepSpeedConfig`` is alive; ``TrainingArguments`` registers one
+  (``DeepSpeedPlugin.set_deepspeed_weakref``) when ``accelerate launch`` set ``ACCELERATE_USE_DEEPSPEED``.
+
+So the run builds its TRL arguments first and calls ``place_processes`` with them: one step, here, that
+makes all three true before ``train.model`` loads anything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from transformers import TrainerCallback, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from train.config import ConfigError, LaunchConfig
+
+log = logging.getLogger("train")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits: its ranks, its device, and how its launch spreads the model."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    engine: str  # accelerate's distributed type as started: NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED
+    loads_on_rank_zero: bool  # FSDP: only local rank 0 reads the checkpoint, the others get its broadcast
+    zero3_init: bool  # DeepSpeed ZeRO-3: each weight is partitioned as it is read
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def device_map(self) -> dict[str, str | int]:
+        """``from_pretrained``'s device_map for weights that must be placed while loading (bitsandbytes'
+        4-bit quantizes on the device it loads to): this process's own GPU, never GPU 0 for every rank."""
+        return {"": self.device.index if self.device.type == "cuda" else "cpu"}
+
+    def main_process_first(self):
+        """A context: each node's main process runs the block first, the others after it (accelerate's
+        barrier), e.g. data preparation that they then read from its cache."""
+        return PartialState().local_main_process_first()
+
+    def describe(self) -> str:
+        loading = (
+            "checkpoint read by local rank 0, broadcast to the others (FSDP)"
+            if self.loads_on_rank_zero
+            else "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)"
+            if self.zero3_init
+            else "every process reads the checkpoint"
+        )
+        return (
+            f"rank {self.rank}/{self.world_size} (local {self.local_rank}) on {self.device}, "
+            f"engine {self.engine}; {loading}"
+        )
+
+
+def launched_with_fsdp() -> bool:
+    """``accelerate launch`` with an FSDP config (it sets ACCELERATE_USE_FSDP for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def started_by_launcher() -> bool:
+    """torchrun / ``accelerate launch`` started this process (they set WORLD_SIZE for every rank)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def place_processes(launch: LaunchConfig, args: TrainingArguments) -> Placement:
+    """Create accelerate's state for this process (process group, device) exactly as the trainer will, and
+    say where weights go. Raises ConfigError, before any weight loads, for a launch that would silently train
+    something else than asked (several GPUs under ``launch=local``: transformers' ``nn.DataParallel``)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > 1 and not started_by_launcher():
+        raise ConfigError(
+            f"launch={launch.name}: {gpus} GPUs are visible to one process, which transformers would "
+            f"train as nn.DataParallel ({gpus}x the configured batch, one GPU's memory for the model). Run "
+            f"one process per GPU: `python -m launch launch=ddp launch.num_processes={gpus} launch.run=true "
+            "...` (or launch=fsdp / zero3 for models one GPU cannot hold), or use one GPU: "
+            "`CUDA_VISIBLE_DEVICES=0 python -m train ...`"
+        )
+    device = args.device  # TrainingArguments._setup_devices: PartialState, init_process_group, set_device
+    state = PartialState()
+    engine = state.distributed_type
+    if launched_with_fsdp() and engine == DistributedType.MULTI_CPU:
+        engine = DistributedType.FSDP  # on CPU the trainer makes it real FSDP2 (shard_with_fsdp_on_cpu)
+    fsdp_rank_zero = (
+        engine == DistributedType.FSDP
+        and torch.distributed.is_initialized()
+        and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"
+    )
+    placement = Placement(
+        rank=state.process_index,
+        local_rank=state.local_process_index,
+        world_size=state.num_processes,
+        device=device,
+        engine=engine.value,
+        loads_on_rank_zero=fsdp_rank_zero,
+        zero3_init=is_deepspeed_zero3_enabled(),
+    )
+    if placement.is_main:
+        log.info("placement: %s", placement.describe())
+    return placement
+
+
+def shard_with_fsdp_on_cpu(accelerator: Accelerator, args: TrainingArguments) -> bool:
+    """Make an FSDP launch on CPU real FSDP2, as accelerate makes it on a GPU; True when it did.
+
+    accelerate sets ``DistributedType.FSDP`` only on accelerator devices: on CPU it builds
+    ``MULTI_CPU`` and drops the FSDP plugin, so the run would train as DDP and say nothing
+    (accelerate 1.15, state.py). torch's ``fully_shard`` and accelerate's FSDP2 path both run on
+    gloo, so the state is all that is missing. On a GPU accelerate sets it itself: nothing to do.
+    The plugin is the one ``accelerate launch`` wrote into ``FSDP_*`` (launch/accelerate/fsdp.yaml).
+    """
+    state = accelerator.state
+    if (
+        torch.cuda.is_available()
+        or not launched_with_fsdp()
+        or state.distributed_type != DistributedType.MULTI_CPU
+    ):
+        return False
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return True
+
+
+def release_freed_host_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's ``malloc_trim``). Loading allocates and frees whole
+    tensors (zero.Init's construction and gathers, FSDP's broadcast buffers, the checkpoint's pages) in
+    pieces below glibc's mmap threshold, which its heap otherwise keeps: measured here, about 1 GiB per
+    rank after loading a 1.8 GiB checkpoint (bench/load_memory.py), times every process of a node. No-op
+    where the C library is not glibc."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+class ReleaseLoadingMemory(TrainerCallback):
+    """At step 0, once the model is loaded, sharded and broadcast: ``release_freed_host_memory``."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        release_freed_host_memory()
