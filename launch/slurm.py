@@ -2,21 +2,27 @@
 
 The job runs one ``accelerate launch`` per node through ``srun``; every node computes the same
 main address (the first node's ``NodeAddr``) and takes its machine rank from ``SLURM_NODEID``.
-USR1 (``--signal=B:USR1@<s>`` before the time limit, or ``scancel -b -s USR1 <job>``) makes the
-run write a checkpoint at the next step and stop; the script then requeues the job, and the
-restarted job (``SLURM_RESTART_COUNT`` set) resumes from the latest complete checkpoint.
+A stop request makes the run write a checkpoint at the next step and stop: SIGTERM to the tasks
+(preemption, ``scancel``; torchrun passes it on to its workers), or USR1 to the batch shell
+(``--signal=B:USR1@<s>`` before the time limit, or ``scancel -b -s USR1 <job>``), which creates the
+run's stop file. When the run says it stopped so (``<run>/stopped``) the script requeues the job.
+Every start passes ``training.resume_from_checkpoint=latest``: a requeued or resubmitted job goes on
+from the latest complete checkpoint, a new run directory starts at step 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from train.checkpoints import STOP_FILE
 from train.config import Config, ConfigError
+from train.plan import Device, plan_run
+from train.run_dir import STOP_FILE, STOPPED_FILE
 
 SCRIPT_NAME = "slurm-job.sh"
 
@@ -29,30 +35,30 @@ set -uo pipefail
 RUN_DIR={run_dir_q}
 PYTHON={python}
 STOP_FILE="$RUN_DIR/{stop_file}"
-rm -f "$STOP_FILE"
+STOPPED_FILE="$RUN_DIR/{stopped_file}"
+rm -f "$STOP_FILE" "$STOPPED_FILE"
+# torchrun gives its workers this long after SIGTERM to write their checkpoint, then SIGKILLs them
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{signal_seconds}}}
 
 # rendezvous: machine 0 is the job's first node, reached at the address Slurm has for it
 MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MAIN_ADDR=$(scontrol show node "$MAIN_NODE" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
 MAIN_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 
-RESUME=()
-if [[ ${{SLURM_RESTART_COUNT:-0}} -gt 0 ]]; then
-    echo "$(date -Is) restart $SLURM_RESTART_COUNT: resuming from the latest complete checkpoint"
-    RESUME=(training.resume_from_checkpoint=latest)
-fi
 echo "$(date -Is) job $SLURM_JOB_ID: {nodes} node(s) ($SLURM_JOB_NODELIST), main $MAIN_ADDR:$MAIN_PORT"
+echo "$(date -Is) restart ${{SLURM_RESTART_COUNT:-0}}: resuming from the latest complete checkpoint, if any"
 
-# USR1 before the time limit (or from scancel -b -s USR1): checkpoint at the next step, stop, requeue
-requeue=0
-trap 'echo "$(date -Is) USR1: checkpoint at the next step, then requeue"; requeue=1; touch "$STOP_FILE"' USR1
+# USR1 (before the time limit, or scancel -b -s USR1) or SIGTERM to this shell: checkpoint at the next
+# step, stop, requeue. Preemption and scancel send SIGTERM to the training processes themselves.
+trap 'echo "$(date -Is) USR1: checkpoint at the next step, then requeue"; touch "$STOP_FILE"' USR1
+trap 'echo "$(date -Is) TERM: checkpoint at the next step, then requeue"; touch "$STOP_FILE"' TERM
 
 # srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): the processes would share one core
 srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\
     bash -c 'exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' "$PYTHON" \\
     {accelerate} \\
     --main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" \\
-    -m train {overrides} "${{RESUME[@]}}" &
+    -m train {overrides} &
 srun_pid=$!
 # a trapped signal interrupts `wait`; wait again until srun itself has ended
 while true; do
@@ -60,17 +66,61 @@ while true; do
     status=$?
     kill -0 "$srun_pid" 2>/dev/null || break
 done
+rm -f "$STOP_FILE"  # a request the run finished before seeing
 
-# the run deletes the stop file when it stopped for it; a file still there means it finished first
-if ((requeue)) && ((status == 0)) && [[ ! -e $STOP_FILE ]]; then
-    echo "$(date -Is) checkpoint written; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+# the run writes it once its stop checkpoint is complete (torchrun then exits non-zero: it was signalled)
+if [[ -e $STOPPED_FILE ]]; then
+    read -r step reason <"$STOPPED_FILE"
+    echo "$(date -Is) stopped ($reason) with checkpoint-$step complete; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    echo "$(date -Is) not requeued: Slurm ends the job itself (scontrol requeue, scancel); or sbatch {script}"
+    exit 1
 fi
-rm -f "$STOP_FILE"
 echo "$(date -Is) training exited with status $status"
 exit "$status"
 """
+
+
+def with_signal_seconds(config: Config) -> Config:
+    """``config`` with ``launch.slurm.signal_seconds`` decided: as given, or the time to write one checkpoint
+    (the planner's ``checkpoint_bytes``) at ``checkpoint_write_gb_per_s``, plus ``signal_margin_seconds``.
+    A time limit not longer than that is refused: the job could not train and save even once."""
+    slurm = config.launch.slurm
+    seconds, why = slurm.signal_seconds, "launch.slurm.signal_seconds"
+    if seconds is None:
+        size = plan_run(config, Device.configured(config.launch)).checkpoint_bytes
+        seconds = math.ceil(size / (slurm.checkpoint_write_gb_per_s * 1e9)) + slurm.signal_margin_seconds
+        why = (
+            f"{size / 1e9:,.1f} GB (python -m train.plan) at checkpoint_write_gb_per_s="
+            f"{slurm.checkpoint_write_gb_per_s:g}, plus signal_margin_seconds={slurm.signal_margin_seconds}"
+        )
+    limit = time_limit_seconds(slurm.time)
+    if limit is not None and limit <= seconds:
+        raise ConfigError(
+            f"launch.slurm.time={slurm.time} ({limit:,} s) is not longer than the {seconds:,} s needed "
+            f"to save a checkpoint, {why}: it could not save once; raise launch.slurm.time (or "
+            "launch.slurm.checkpoint_write_gb_per_s, if the file system is faster)"
+        )
+    launch = dataclasses.replace(config.launch, slurm=dataclasses.replace(slurm, signal_seconds=seconds))
+    return dataclasses.replace(config, launch=launch)
+
+
+def time_limit_seconds(limit: str) -> int | None:
+    """Seconds in a Slurm time limit (``--time``: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); None: unlimited."""
+    if limit.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, clock = limit.rpartition("-")
+    try:
+        parts, day_count = [int(part) for part in clock.split(":")], int(days or 0)
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3:
+        raise ConfigError(f"launch.slurm.time={limit}: not a Slurm time limit (M, H:M:S, D-H:M:S, UNLIMITED)")
+    if days or len(parts) == 3:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return day_count * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
 def sbatch_options(config: Config, run_dir: Path) -> list[str]:
@@ -108,6 +158,8 @@ def render_script(config: Config, accelerate: list[str], overrides: list[str], r
         run_dir_q=shlex.quote(str(run_dir)),
         python=shlex.quote(slurm.python or sys.executable),
         stop_file=STOP_FILE,
+        stopped_file=STOPPED_FILE,
+        signal_seconds=slurm.signal_seconds,
         nodes=config.launch.nodes,
         accelerate=shlex.join(accelerate),
         overrides=shlex.join(overrides),

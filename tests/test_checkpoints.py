@@ -1,11 +1,14 @@
-"""Which checkpoint a run resumes from, and the metrics log a resumed run leaves."""
+"""Which checkpoint a run resumes from, the metrics log a resumed run leaves, and stop requests (SIGTERM,
+USR1, the stop file) that checkpoint and stop: in one process here, with real processes in test_launch.py."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
-from train.checkpoints import COMPLETE_MARKER, latest_checkpoint
 from train.outputs import MetricsJsonl, read_metrics
+from train.run_dir import COMPLETE_MARKER, STOP_FILE, STOPPED_FILE, latest_checkpoint
 
 
 def make_checkpoint(checkpoints, step: int, complete: bool):
@@ -41,3 +44,70 @@ def test_a_resumed_log_keeps_each_step_once(tmp_path):
     path.write_text("".join(json.dumps(row) + "\n" for row in first_run))
     MetricsJsonl(path).keep_until(2)
     assert read_metrics(path) == first_run[:2]
+
+
+class OneProcess:
+    """What CompleteCheckpoints asks of accelerate's Accelerator, for one process."""
+
+    num_processes, is_main_process = 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def callback(run_dir):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from train.checkpoints import CompleteCheckpoints
+
+    args = SimpleNamespace(output_dir=str(run_dir / "checkpoints"))
+    state = TrainerState(global_step=3, max_steps=10)
+    trainer = SimpleNamespace(accelerator=OneProcess())
+    return CompleteCheckpoints(trainer, run_dir), args, state, TrainerControl()
+
+
+def save(checkpoints, run_dir, args, state, control):
+    """What Trainer does on should_save: write checkpoint-<step>, then call on_save."""
+    (run_dir / "checkpoints" / f"checkpoint-{state.global_step}").mkdir(parents=True)
+    return checkpoints.on_save(args, state, control)
+
+
+def test_sigterm_while_training_checkpoints_at_the_next_step_then_stops(tmp_path):
+    checkpoints, args, state, control = callback(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    checkpoints.on_train_begin(args, state, control)
+    checkpoints.on_step_end(args, state, control)
+    assert not control.should_save and not control.should_training_stop  # no request yet
+    os.kill(os.getpid(), signal.SIGTERM)  # what Slurm's preemption, scancel and torchrun send
+    checkpoints.on_step_end(args, state, control)
+    assert control.should_save and control.should_training_stop
+    control = save(checkpoints, tmp_path, args, state, control)
+    assert (tmp_path / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).read_text() == "3\n"
+    assert (tmp_path / STOPPED_FILE).read_text() == "3 SIGTERM\n"  # the job script requeues on it
+    checkpoints.on_train_end(args, state, control)
+    assert signal.getsignal(signal.SIGTERM) is before  # after training, SIGTERM is the process's own again
+
+
+def test_a_request_during_a_periodic_save_stops_after_it_without_a_second_save(tmp_path):
+    checkpoints, args, state, control = callback(tmp_path)
+    checkpoints.on_train_begin(args, state, control)
+    checkpoints.on_step_end(args, state, control)
+    (tmp_path / STOP_FILE).touch()  # USR1's trap in the job script, while checkpoint-3 is written
+    control = save(checkpoints, tmp_path, args, state, control)
+    assert control.should_training_stop  # stop now: checkpoint-3 is complete, step 4 would save again
+    assert (tmp_path / STOPPED_FILE).read_text() == f"3 {STOP_FILE}\n"
+    assert not (tmp_path / STOP_FILE).exists()  # honoured: the resumed run must not stop at once
+    checkpoints.on_train_end(args, state, control)
+    checkpoints.on_train_begin(args, state, control)  # the resumed run
+    assert not (tmp_path / STOPPED_FILE).exists()
+
+
+def test_a_restarted_run_without_a_checkpoint_starts_its_log_afresh(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")  # died before its first checkpoint
+    MetricsJsonl(path).on_train_begin(None, TrainerState(global_step=0), TrainerControl())
+    assert read_metrics(path) == []

@@ -99,11 +99,18 @@ def slurm(tmp_path_factory) -> Iterator[tuple[Path, dict[str, str]]]:
         cluster("stop", state_dir, timeout=60)
 
 
-def test_sinfo_shows_two_idle_nodes_in_debug(slurm):
+def test_sinfo_shows_two_idle_nodes_in_debug_and_high(slurm):
     _, env = slurm
     result = run(["sinfo", "-h", "-N", "-o", "%N %P %t"], env)
     assert result.returncode == 0, result.stderr
-    assert sorted(result.stdout.split("\n")[:-1]) == ["n1 debug* idle", "n2 debug* idle"]
+    listed = sorted(result.stdout.split("\n")[:-1])
+    assert listed == ["n1 debug* idle", "n1 high idle", "n2 debug* idle", "n2 high idle"]
+    preemption = run(["scontrol", "show", "config"], env).stdout
+    assert "PreemptMode             = REQUEUE" in preemption and "preempt/partition_prio" in preemption
+    high = run(["scontrol", "show", "partition", "high"], env).stdout
+    assert "PriorityTier=2" in high and "PreemptMode=OFF" in high
+    debug = run(["scontrol", "show", "partition", "debug"], env).stdout
+    assert "PriorityTier=1" in debug and "GraceTime=60" in debug
 
 
 def test_two_node_batch_job_runs_one_task_per_node(slurm, tmp_path):

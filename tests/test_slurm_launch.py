@@ -8,10 +8,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from test_slurm_cluster import run, slurm, wait_for  # noqa: F401  (slurm: the module's cluster fixture)
+
+from launch.slurm import time_limit_seconds
 
 # two nodes, one CPU process each: DDP over gloo across the "nodes" of the local cluster
 CPU_JOB = [
@@ -26,7 +29,7 @@ CPU_JOB = [
     "training.logging_steps=1",
     "training.per_device_train_batch_size=1",
     "training.report_to=[]",
-    "method.lora_dropout=0.0",
+    "method.lora_dropout=0.1",  # dropout on: a resumed job must restore every rank's RNG
 ]
 
 
@@ -66,10 +69,39 @@ def test_dry_run_shows_the_sbatch_script(tmp_path):
     assert '--machine_rank "$SLURM_NODEID"' in script
     assert '--main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT"' in script
     assert 'MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
-    assert f"hydra.run.dir={tmp_path / 'run'}" in script
-    assert "RESUME=(training.resume_from_checkpoint=latest)" in script
+    # every start resumes: a requeued or resubmitted job goes on, a new run directory starts at step 0
+    assert f"hydra.run.dir={tmp_path / 'run'} model=8b training.resume_from_checkpoint=latest &\n" in script
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}\n" in script
+    assert """touch "$STOP_FILE"' USR1\n""" in script and """touch "$STOP_FILE"' TERM\n""" in script
     checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr  # valid bash
+
+
+def test_the_usr1_window_is_sized_from_the_checkpoint_and_a_limit_too_short_to_save_is_refused(tmp_path):
+    big = ["launch=slurm", "model=70b", "method=full", "launch.nodes=4", "launch.strategy=fsdp"]
+    result = launch("--dry-run", *big, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # 846.6 GB (12 B x 70.55e9 parameters: fp32 weights and moments) at 1 GB/s, plus a 120 s margin
+    assert "#SBATCH --signal=B:USR1@967\n" in result.stdout
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-967}" in result.stdout  # torchrun waits as long for its workers
+    refused = launch("--dry-run", *big, "launch.slurm.time=15", cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert (
+        "error: launch.slurm.time=15 (900 s) is not longer than the 967 s needed to save a checkpoint, "
+        "846.6 GB (python -m train.plan) at checkpoint_write_gb_per_s=1, plus signal_margin_seconds=120: it "
+        "could not save once; raise launch.slurm.time" in refused.stderr
+    )
+    faster_disks = ["launch.slurm.time=15", "launch.slurm.checkpoint_write_gb_per_s=5"]
+    faster = launch("--dry-run", *big, *faster_disks, cwd=tmp_path)
+    assert faster.returncode == 0 and "#SBATCH --signal=B:USR1@290\n" in faster.stdout  # 170 s + 120 s
+
+
+@pytest.mark.parametrize(
+    ("limit", "seconds"),
+    [("30", 1800), ("30:15", 1815), ("2:00:00", 7200), ("1-0", 86400), ("1-2:03", 93780), ("INFINITE", None)],
+)  # fmt: skip
+def test_slurm_time_limits_are_read_as_sbatch_reads_them(limit, seconds):
+    assert time_limit_seconds(limit) == seconds
 
 
 def test_inconsistent_slurm_counts_are_refused(tmp_path):
@@ -169,8 +201,42 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, uninterrupted, tmp_path): 
     assert 2 <= stopped < 12
     assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{stopped}'}\n" in log
     assert f"stopped at step {stopped} of 12" in log
-    assert "checkpoint written; requeueing job" in log and "restart 1: resuming" in log
+    assert f"stopped (checkpoint-and-stop) with checkpoint-{stopped} complete; requeueing job {job}" in log
+    assert "restart 1: resuming" in log
     assert not (run_dir / "checkpoint-and-stop").exists()
+    expect_resumed_run(run_dir, uninterrupted[0], state)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_preempted_job_checkpoints_in_its_grace_time_requeues_and_resumes(slurm, uninterrupted, tmp_path):  # noqa: F811
+    """Real preemption (local_cluster.sh: partition_prio, PreemptMode=REQUEUE, GraceTime=60): a job in the
+    high partition that needs both nodes makes Slurm send SIGTERM to the training job's tasks; the run
+    checkpoints at the next step and the script requeues it, so the high job starts within the grace
+    time; once it has ended, the training job resumes at the saved step."""
+    _, env = slurm
+    run_dir = tmp_path / "preempted"
+    job = submit(run_dir, env)
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 240, "step 2")
+    high = run(
+        ["sbatch", "--parsable", "--partition=high", "--nodes=2", "--exclusive", f"--chdir={tmp_path}",
+         "--output=high.out", "--wrap", "sleep 2"],
+        env,
+    )  # fmt: skip
+    assert high.returncode == 0, high.stderr
+    high_job = high.stdout.strip().split(";")[0]
+    log = finished(run_dir, job, state := wait_for_end(job, env))
+    stopped = int(log.split("stop requested (SIGTERM): checkpoint at step ")[1].split(",")[0])
+    assert 2 <= stopped < 12
+    assert f"stopped (SIGTERM) with checkpoint-{stopped} complete; requeueing job {job}" in log
+    assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{stopped}'}\n" in log
+    preemptor = job_state(high_job, env)
+    assert preemptor["JobState"] == "COMPLETED"
+    waited = datetime.fromisoformat(preemptor["StartTime"]) - datetime.fromisoformat(preemptor["SubmitTime"])
+    assert waited.total_seconds() < 60  # the preempted job gave the nodes back within its grace time
+    restarted = datetime.fromisoformat(log.split("restart 1: resuming")[0].splitlines()[-1].split()[0])
+    assert restarted.replace(tzinfo=None) >= datetime.fromisoformat(preemptor["EndTime"])  # once it ended
     expect_resumed_run(run_dir, uninterrupted[0], state)
 
 
@@ -196,7 +262,7 @@ def test_scontrol_requeue_mid_run_resumes_from_the_last_complete_checkpoint(slur
     [
         (["launch.slurm.partition=no_such_partition"],
          "launch.slurm.partition: no partition 'no_such_partition' on this cluster; "
-         "set launch.slurm.partition to one of: debug"),
+         "set launch.slurm.partition to one of: debug, high"),
         (["launch.gpus_per_node=1", "launch.num_processes=1"],
          "launch.gpus_per_node=1: partition 'debug' has no GPUs (sinfo GRES: (null))"),
         (["launch.nodes=3"], "launch.nodes=3: partition 'debug' has 2 node(s); lower launch.nodes"),

@@ -1,42 +1,30 @@
 """Checkpoints a long run can trust: marked complete only once every rank has written its part,
-and a stop request (Slurm's USR1 before the time limit, or a person) that checkpoints, then stops.
+and a stop request (SIGTERM from a preempting scheduler, USR1 before a time limit, or a person) that
+checkpoints, then stops.
 
 The trainer writes ``checkpoints/checkpoint-<step>/`` in place, rank by rank, so a job killed while
 saving leaves a directory that looks like a checkpoint but is not one. ``COMPLETE`` is written into
-it after every rank has finished; ``latest_checkpoint`` resumes only from such a directory.
+it after every rank has finished; ``train.run_dir.latest_checkpoint`` resumes only from such a directory.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
+import signal
+import threading
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-COMPLETE_MARKER = "COMPLETE"
-STOP_FILE = "checkpoint-and-stop"  # in the run directory: save a checkpoint at the next step, then stop
-_STEP = re.compile(r"^checkpoint-(\d+)$")
+from train.run_dir import COMPLETE_MARKER, STOP_FILE, STOPPED_FILE
+
+# Slurm sends SIGTERM to every task on preemption and scancel (then SIGKILL after GraceTime/KillWait),
+# torchrun and `accelerate launch` pass it on to their workers; USR1 is Slurm's warning before a limit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 log = logging.getLogger("train")
-
-
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest checkpoint that every rank finished writing, or None; incomplete ones are named."""
-    complete, incomplete = [], []
-    for path in checkpoints_dir.glob("checkpoint-*"):
-        if (match := _STEP.match(path.name)) and path.is_dir():
-            step = int(match.group(1))
-            (complete if (path / COMPLETE_MARKER).is_file() else incomplete).append((step, path))
-    newest = max(complete, default=None)
-    for step, path in incomplete:
-        if newest is None or step > newest[0]:
-            log.warning(
-                "skipping %s: it was not finished (no %s marker); resuming before it", path, COMPLETE_MARKER
-            )
-    return newest[1] if newest else None
 
 
 def _everyone(accelerator, flag: bool) -> bool:
@@ -49,22 +37,48 @@ def _everyone(accelerator, flag: bool) -> bool:
 
 
 class CompleteCheckpoints(TrainerCallback):
-    """Marks each checkpoint ``COMPLETE`` once all ranks wrote it; asks for a last one on a stop request.
+    """Marks each checkpoint ``COMPLETE`` once all ranks wrote it; on a stop request, saves one more at the
+    next step boundary and stops.
 
-    The stop request is a file, ``<run dir>/checkpoint-and-stop``: the Slurm job script creates it
-    when USR1 arrives (``--signal=B:USR1@<seconds>``) and requeues the job once training has stopped.
-    Every rank looks for it after each step and they agree (one all-reduce of one number), so all
-    stop after the same step; on a shared file system one node may see the file a step later.
+    A stop request is SIGTERM or USR1 to any training process (while it trains, a handler only notes it),
+    or the file ``<run dir>/checkpoint-and-stop`` (the Slurm job script's USR1 trap creates it; so can a
+    person). Every rank checks after each step and they agree (one all-reduce of one number), so all
+    stop after the same step, even when only one node was signalled or saw the file. A request that
+    arrives while a periodic checkpoint is being written stops right after it: no second save.
+    Once stopped, ``<run dir>/stopped`` says at which step and why: the job script requeues on it.
     """
 
     def __init__(self, trainer, run_dir: Path):
-        self.trainer, self.stop_file = trainer, run_dir / STOP_FILE
+        self.trainer, self.run_dir = trainer, run_dir
+        self.signalled: str | None = None  # the stop signal this process received, by name
+        self.stopping = False
+        self._previous_handlers: dict[int, object] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            (self.run_dir / STOPPED_FILE).unlink(missing_ok=True)  # going on: an earlier stop is history
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for number in STOP_SIGNALS:
+                self._previous_handlers[number] = signal.signal(number, self._note_signal)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers.clear()
+
+    def _note_signal(self, number: int, frame) -> None:
+        self.signalled = signal.Signals(number).name
+
+    def _stop_requested(self) -> bool:
+        requested = self.signalled is not None or (self.run_dir / STOP_FILE).exists()
+        return _everyone(self.trainer.accelerator, requested)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _everyone(self.trainer.accelerator, self.stop_file.exists()):
+        if self._stop_requested():
+            self.stopping = True
             if state.is_world_process_zero:
                 log.info(
-                    "stop requested (%s): checkpoint at step %d, then stop", self.stop_file, state.global_step
+                    "stop requested (%s): checkpoint at step %d, then stop", self._reason(), state.global_step
                 )
             control.should_save = True
             control.should_training_stop = True
@@ -75,9 +89,34 @@ class CompleteCheckpoints(TrainerCallback):
         accelerator.wait_for_everyone()  # every rank's shards, optimizer and RNG states are on disk
         if accelerator.is_main_process:
             marker = Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE_MARKER
-            with marker.open("w") as file:
-                file.write(f"{state.global_step}\n")
-                file.flush()
-                os.fsync(file.fileno())
+            _write_synced(marker, f"{state.global_step}\n")
         accelerator.wait_for_everyone()
+        if not self.stopping and self._stop_requested():  # it came while this periodic checkpoint was written
+            self.stopping = True
+            control.should_training_stop = True
+        if self.stopping:
+            if state.is_world_process_zero:
+                self._record_stop(state)
+            # before any rank exits: a launcher that sees one process end may kill the others (srun
+            # --kill-on-bad-exit), and the job script requeues only when it finds `stopped`
+            accelerator.wait_for_everyone()
         return control
+
+    def _record_stop(self, state) -> None:
+        reason = self._reason()
+        (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # honoured; a resumed run must not stop again
+        if state.global_step < state.max_steps:  # at the last step the run finishes and saves its model
+            _write_synced(self.run_dir / STOPPED_FILE, f"{state.global_step} {reason}\n")
+        log.info("checkpoint-%d is complete; stopping (%s)", state.global_step, reason)
+
+    def _reason(self) -> str:
+        if self.signalled:
+            return self.signalled
+        return STOP_FILE if (self.run_dir / STOP_FILE).exists() else "another process's request"
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())

@@ -10,12 +10,15 @@
 # SLURM_LOCAL_DIR (default /tmp/llama31-slurm); the system's own munge/slurm are never used.
 # `start` always begins from a clean state: it stops a cluster already running in that directory.
 # Ports: SLURM_LOCAL_PORT (slurmctld, default 16817), the nodes n1 and n2 take the next two.
+# Partitions: debug (default) and high on both nodes; a high job preempts debug jobs (requeue after
+# SLURM_LOCAL_GRACE_TIME seconds of grace, default 60).
 # Facts this builds on (measured on Debian 12, Slurm 22.05): /work/shared/notes/slurm-local.md.
 set -euo pipefail
 
 DIR=${SLURM_LOCAL_DIR:-/tmp/llama31-slurm}
 PORT=${SLURM_LOCAL_PORT:-16817}
 START_TIMEOUT_S=${SLURM_LOCAL_START_TIMEOUT:-30}
+GRACE_TIME_S=${SLURM_LOCAL_GRACE_TIME:-60}  # a preempted job's time to checkpoint before SIGKILL
 PACKAGES=(slurmctld slurmd slurm-client munge)
 NODES=(n1 n2)
 
@@ -86,7 +89,12 @@ SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.%n.log
 NodeName=n1 NodeHostname=localhost NodeAddr=localhost Port=$((PORT + 1)) CPUs=2 RealMemory=1000 State=UNKNOWN
 NodeName=n2 NodeHostname=localhost NodeAddr=localhost Port=$((PORT + 2)) CPUs=2 RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+# Preemption as shared clusters configure it: a job in "high" that needs the nodes preempts jobs in
+# "debug"; they get SIGTERM, GraceTime seconds to checkpoint, then SIGKILL, and are requeued.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=$GRACE_TIME_S
+PartitionName=high Nodes=n1,n2 MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 CONF
     # clients find munge through AuthInfo's socket, so SLURM_CONF is all they need
     printf 'export SLURM_CONF=%q\n' "$DIR/slurm.conf" >"$DIR/env.sh"
@@ -159,7 +167,8 @@ start_cluster() {
     local deadline=$((SECONDS + START_TIMEOUT_S)) idle=0
     while ((SECONDS < deadline)); do
         # exactly "idle": "idle*" is a node that stopped answering
-        idle=$(SLURM_CONF=$conf timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null | grep -c ' idle$' || true)
+        # (sort -u: sinfo -N lists a node once per partition)
+        idle=$(SLURM_CONF=$conf timeout 5 sinfo -h -N -o '%N %t' 2>/dev/null | sort -u | grep -c ' idle$' || true)
         ((idle == ${#NODES[@]})) && break
         sleep 0.2
     done
@@ -168,7 +177,7 @@ start_cluster() {
         tail -n 5 "$DIR"/log/*.log >&2 || true
         start_failed "the nodes were not idle within ${START_TIMEOUT_S} s; logs in $DIR/log"
     fi
-    echo "# Slurm cluster up in $DIR (nodes ${NODES[*]}, partition debug); for its clients:"
+    echo "# Slurm cluster up in $DIR (nodes ${NODES[*]}, partitions debug and high); for its clients:"
     cat "$DIR/env.sh"
 }
 
