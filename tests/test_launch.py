@@ -91,6 +91,39 @@ def test_two_machines_started_by_hand_train_as_one_run(ddp_run, tmp_path):
         assert loss == pytest.approx(expected[step], abs=1e-5), step
 
 
+@pytest.mark.slow
+def test_accelerate_launch_by_hand_without_launch_takes_accelerates_settings(ddp_run, tmp_path):
+    """A TRL user's habit: `accelerate launch --config_file <theirs> --num_processes 2 -m train ...` and no
+    launch=: the run takes 2-process DDP from accelerate's environment (train/launch_env.py) and trains as
+    launch=ddp does. An explicit launch= that contradicts the launcher stops before any weight loads."""
+
+    def accelerate(config: str, *overrides: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "launch" / "accelerate" / config), "--num_processes", "2", "-m", "train",
+                   "training.per_device_train_batch_size=1", *SHORT, *overrides]  # fmt: skip
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+    result = accelerate("ddp.yaml", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert (
+        "launch=accelerate: 2 process(es), engine MULTI_CPU, backend gloo, model DistributedDataParallel"
+        in log
+    )
+    expected = losses(ddp_run[0])
+    for step, loss in losses(tmp_path / "run").items():
+        assert loss == pytest.approx(expected[step], abs=1e-5), step
+    refused = accelerate(
+        "fsdp.yaml", "launch=ddp", "launch.num_processes=2", f"hydra.run.dir={tmp_path / 'no'}"
+    )
+    assert refused.returncode != 0
+    assert (
+        "launch=ddp asks for 2 process(es) with ddp, but the launcher started 2 process(es) on 1 machine(s) "
+        "with fsdp" in refused.stderr
+    )
+    assert "placement:" not in refused.stdout + refused.stderr  # refused before processes were placed
+
+
 @pytest.mark.parametrize("name", ["fsdp", "zero3_offload"])
 def test_sharded_launches_print_their_accelerate_config(tmp_path, name):
     result = launch(f"launch={name}", "launch.num_processes=2", cwd=tmp_path)

@@ -100,3 +100,40 @@ def test_a_checkpoint_is_read_once_per_node_under_fsdp_and_zero3(load_memory):
     assert "checkpoint read by local rank 0, broadcast to the others (FSDP)" in runs["fsdp"]["log"]
     assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in runs["zero3"]["log"]
     assert "every process reads the checkpoint" in runs["ddp"]["log"]
+
+
+ACCELERATE_FSDP = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"}
+
+
+def test_a_run_started_by_accelerate_launch_takes_its_launch_when_none_was_chosen():
+    from train.launch_env import launch_from_environment
+
+    local = config_of().launch
+    assert launch_from_environment(local, explicit=False, environ={}) is local  # python -m train: as is
+    taken = launch_from_environment(local, explicit=False, environ=ACCELERATE_FSDP)
+    assert (taken.name, taken.strategy, taken.num_processes, taken.num_machines) == (
+        "accelerate",
+        "fsdp",
+        8,
+        2,
+    )
+    zero3 = {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+             "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}  # fmt: skip
+    assert launch_from_environment(local, explicit=False, environ=zero3).strategy == "zero3_offload"
+    ddp = launch_from_environment(local, explicit=False, environ={"WORLD_SIZE": "4"})
+    assert (ddp.strategy, ddp.num_processes, ddp.num_machines) == ("ddp", 4, 1)
+
+
+def test_an_explicit_launch_that_contradicts_the_launcher_is_refused_before_loading():
+    from train.launch_env import launch_from_environment
+
+    fsdp = config_of("launch=fsdp", "launch.num_processes=8", "launch.num_machines=2").launch
+    assert launch_from_environment(fsdp, explicit=True, environ=ACCELERATE_FSDP) is fsdp  # they agree
+    ddp = config_of("launch=ddp", "launch.num_processes=8").launch
+    with pytest.raises(ConfigError) as error:
+        launch_from_environment(ddp, explicit=True, environ=ACCELERATE_FSDP)
+    assert str(error.value).startswith(
+        "launch=ddp asks for 8 process(es) with ddp, but the launcher started 16 process(es) on 2 machine(s) "
+        "with fsdp"
+    )
+    assert "drop launch= to train with the launcher's settings" in str(error.value)

@@ -21,10 +21,21 @@ import hydra
 from omegaconf import DictConfig
 
 from train.config import ConfigError, load_config, register_configs
+from train.launch_env import launch_from_environment
 from train.plan import check_fits
 
 log = logging.getLogger("train")
 register_configs()
+
+
+def _launch_chosen() -> bool:
+    """``launch=`` was chosen (not the default ``local``): then it must agree with whatever launcher started
+    this process; otherwise the launcher's settings are the run's (train/launch_env.py)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    chosen = hydra.runtime.choices.get("launch") != "local"
+    return chosen or any(override.startswith("launch=") for override in hydra.overrides.task)
 
 
 def _has_gpu() -> bool:
@@ -38,6 +49,9 @@ def main(cfg: DictConfig) -> None:
     # ── config: typed, validated and checked to fit, before anything expensive ──
     try:
         config = load_config(cfg)
+        config.launch = launch_from_environment(config.launch, explicit=_launch_chosen())
+        for key in ("name", "strategy", "num_processes", "num_machines", "accelerate_config"):
+            cfg.launch[key] = getattr(config.launch, key)  # the saved config says what ran
         check_fits(config)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
