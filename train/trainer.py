@@ -36,14 +36,21 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
         for sft_only in ("packing", "packing_strategy"):
             training.pop(sft_only)
     settings = {key: getattr(config.stage, key) for key, stages in STAGE_SETTINGS.items() if stage in stages}
+    use_cpu = not torch.cuda.is_available()
+    if use_cpu:
+        # accelerate 1.15 imports deepspeed wherever it unwraps a model (utils/other.py,
+        # extract_model_from_parallel), DeepSpeed run or not, and deepspeed then warns "Setting accelerator to
+        # CPU" when it finds no GPU. This run computes on CPU: say so first. Never over the user's own value.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return _ARGUMENTS[stage](
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         run_name=run_dir.name,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         # CPU runs: accelerate must not pick a GPU backend, and DDP over gloo needs it (see launch/).
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=config.model.gradient_checkpointing,
+        use_cpu=use_cpu,
+        # transformers 5.24's name for gradient_checkpointing, which it still sets from this (TRL reads it)
+        activation_checkpointing=config.model.gradient_checkpointing,
         **training,
         **settings,
     )
