@@ -17,14 +17,24 @@ import os
 from train.config import ConfigError, LaunchConfig
 
 
+def started_by_launcher(environ=os.environ) -> bool:
+    """torchrun / ``accelerate launch`` started this process (they set WORLD_SIZE for every rank)."""
+    return "WORLD_SIZE" in environ
+
+
+def launched_with_fsdp(environ=os.environ) -> bool:
+    """``accelerate launch`` with an FSDP config (it sets ACCELERATE_USE_FSDP for every process)."""
+    return environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def launched_strategy(environ=os.environ) -> tuple[str, int, int] | None:
     """``(strategy, processes per machine, machines)`` of the launcher that started this process, or None
     when none did (a plain ``python -m train``)."""
-    if "WORLD_SIZE" not in environ:
+    if not started_by_launcher(environ):
         return None
     world = int(environ["WORLD_SIZE"])
     per_machine = int(environ.get("LOCAL_WORLD_SIZE", world))
-    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if launched_with_fsdp(environ):
         strategy = "fsdp"
     elif environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         strategy = _zero_strategy(environ)

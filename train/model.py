@@ -19,7 +19,7 @@ from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from train.config import MethodConfig, ModelConfig
-from train.placement import Placement, launched_with_fsdp, release_freed_host_memory
+from train.placement import Placement, release_freed_host_memory
 
 
 def compute_dtype(requested: str) -> torch.dtype:
@@ -29,6 +29,11 @@ def compute_dtype(requested: str) -> torch.dtype:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def compute_dtype_of(args) -> torch.dtype:
+    """The dtype a run's TRL arguments compute in: their bf16/fp16 flags, set from ``compute_dtype``."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 def attention_implementation(requested: str) -> str:
@@ -139,7 +144,7 @@ def load_4bit(
     from transformers import BitsAndBytesConfig
 
     settings = {}
-    if launched_with_fsdp() or (placement is not None and placement.engine == "DEEPSPEED"):
+    if placement is not None and placement.engine in ("FSDP", "DEEPSPEED"):
         # FSDP and ZeRO-3 shard float tensors only: 4-bit weights packed in the compute dtype shard too
         settings["bnb_4bit_quant_storage"] = dtype
     quantization = BitsAndBytesConfig(

@@ -24,16 +24,16 @@ import ctypes
 import ctypes.util
 import gc
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import TrainerCallback, TrainingArguments
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
 
 from train.config import ConfigError, LaunchConfig
+from train.launch_env import launched_with_fsdp, started_by_launcher
 
 log = logging.getLogger("train")
 
@@ -83,16 +83,6 @@ class Placement:
         )
 
 
-def launched_with_fsdp() -> bool:
-    """``accelerate launch`` with an FSDP config (it sets ACCELERATE_USE_FSDP for every process)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def started_by_launcher() -> bool:
-    """torchrun / ``accelerate launch`` started this process (they set WORLD_SIZE for every rank)."""
-    return "WORLD_SIZE" in os.environ
-
-
 def place_processes(launch: LaunchConfig, args: TrainingArguments) -> Placement:
     """Create accelerate's state for this process (process group, device) exactly as the trainer will, and
     say where weights go. Raises ConfigError, before any weight loads, for a launch that would silently train
@@ -111,18 +101,13 @@ def place_processes(launch: LaunchConfig, args: TrainingArguments) -> Placement:
     engine = state.distributed_type
     if launched_with_fsdp() and engine == DistributedType.MULTI_CPU:
         engine = DistributedType.FSDP  # on CPU the trainer makes it real FSDP2 (shard_with_fsdp_on_cpu)
-    fsdp_rank_zero = (
-        engine == DistributedType.FSDP
-        and torch.distributed.is_initialized()
-        and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"
-    )
     placement = Placement(
         rank=state.process_index,
         local_rank=state.local_process_index,
         world_size=state.num_processes,
         device=device,
         engine=engine.value,
-        loads_on_rank_zero=fsdp_rank_zero,
+        loads_on_rank_zero=is_fsdp_enabled(),  # what from_pretrained asks: rank 0 reads, the rest wait
         zero3_init=is_deepspeed_zero3_enabled(),
     )
     if placement.is_main:

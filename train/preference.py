@@ -32,7 +32,7 @@ from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
 
 from train.config import Config
 from train.export import base_of, merged_model
-from train.model import build_model, build_peft_config, load_checkpoint
+from train.model import build_model, build_peft_config, compute_dtype_of, load_checkpoint
 from train.outputs import METRICS_FILE, MetricsJsonl, final_dir
 from train.placement import Placement
 from train.run_dir import run_config
@@ -197,7 +197,7 @@ def reference_copy(model: PreTrainedModel, args: DPOConfig | KTOConfig, placemen
     build the reference as shapes on the meta device and get rank 0's values when it is sharded
     (``reference_from_rank_zero``), so no rank but 0 ever holds a whole second copy. Under ZeRO-3 it is
     partitioned while read, as the policy was."""
-    compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    compute = compute_dtype_of(args)
     if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
         # ZeRO-3's zero.Init partitioned the policy as it was read (a deepcopy would copy DeepSpeed's
         # bookkeeping, not weights): the reference is read the same way, from the same checkpoint

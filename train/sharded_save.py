@@ -31,6 +31,8 @@ from transformers import PreTrainedModel
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from train.model import compute_dtype_of
+
 log = logging.getLogger("train")
 
 # huggingface_hub's default, and the size of the shards Meta's Llama 3.1 checkpoints are published in.
@@ -132,7 +134,7 @@ def save_final(model, output_dir: str | Path, *, args, tokenizer, max_shard_size
     from transformers.trainer import TRAINING_ARGS_NAME
 
     if isinstance(model, PreTrainedModel):
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        dtype = compute_dtype_of(args)
         save_full_model(
             model, output_dir, is_writer=args.should_save, dtype=dtype, max_shard_size=max_shard_size
         )
