@@ -5,56 +5,45 @@ Usable on its own (imports neither ``train`` nor ``launch``)::
     from data import load_tokenizer, encode_chat
     tokenizer = load_tokenizer()
     encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenizer)
+
+One pipeline prepares every objective (``data.prepare``): a reader turns a source into records
+(``data.readers``: chats; ``data.preference``: pairs or labelled completions), ``data.rows`` encodes them,
+and the pipeline caches rows and summary (``data.cache``, ``data.summary``).
 """
 
 import importlib
 
-from data.chat import encode_chat, validate_messages
-from data.preference import Preferences, load_preferences, unpaired
-from data.readers import Conversations, DataError, load_conversations
-from data.tokenizer import load_tokenizer
-
-# Imported on first use (PEP 562), not with the package: `python -m data.prepare` runs prepare.py as __main__
-# after importing this package, and runpy warns when the package has already imported it as data.prepare
-# (prepare_preference.py imports it too).
-_LAZY = {
-    "PrepareSummary": "data.prepare",
-    "encode_conversations": "data.prepare",
+# Each name is imported on first use (PEP 562), not with the package: ``train.config`` imports the data
+# settings (``data.config``) and must not load transformers with them, and ``python -m data.prepare``
+# runs prepare.py as __main__ after importing this package (runpy warns when the package imported it).
+_PUBLIC = {
+    "Conversations": "data.readers",
+    "DataError": "data.readers",
+    "load_conversations": "data.readers",
+    "encode_chat": "data.chat",
+    "validate_messages": "data.chat",
+    "load_tokenizer": "data.tokenizer",
+    "Preferences": "data.preference",
+    "load_preferences": "data.preference",
+    "unpaired": "data.preference",
+    "encode_conversations": "data.rows",
+    "encode_preference": "data.rows",
+    "encode_preference_records": "data.rows",
+    "encode_preferences": "data.rows",
+    "PrepareSummary": "data.summary",
+    "PreferenceSummary": "data.summary",
     "prepare_dataset": "data.prepare",
     "prepare_from_config": "data.prepare",
-    "PreferenceSummary": "data.prepare_preference",
-    "encode_preference": "data.prepare_preference",
-    "encode_preference_records": "data.prepare_preference",
-    "encode_preferences": "data.prepare_preference",
-    "prepare_preferences": "data.prepare_preference",
+    "prepare_preferences": "data.prepare",
 }
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
+    if name not in _PUBLIC:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
     globals()[name] = value
     return value
 
 
-__all__ = [
-    "Conversations",
-    "DataError",
-    "encode_chat",
-    "encode_conversations",
-    "encode_preference",
-    "encode_preference_records",
-    "encode_preferences",
-    "load_conversations",
-    "load_preferences",
-    "load_tokenizer",
-    "Preferences",
-    "PreferenceSummary",
-    "prepare_dataset",
-    "prepare_from_config",
-    "prepare_preferences",
-    "PrepareSummary",
-    "unpaired",
-    "validate_messages",
-]
+__all__ = sorted(_PUBLIC)

@@ -1,4 +1,5 @@
-"""The on-disk cache shared by the tokenizer and prepared datasets."""
+"""The on-disk cache shared by the tokenizer and prepared datasets: where it is, how an entry is named and
+written."""
 
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ def source_sha256(path: Path, cache: Path) -> str:
     if (after.st_size, after.st_mtime_ns) == (stat.st_size, stat.st_mtime_ns):  # not changed while read
         _write_atomically(record, json.dumps({**identity, "sha256": digest.hexdigest()}))
     return digest.hexdigest()
+
+
+def cache_entry(
+    path: Path, tokenizer, settings: dict, cache: str | os.PathLike | None = None, *, kind: str = ""
+) -> Path:
+    """Where a source prepared with ``settings`` is cached: ``<cache>/<file stem>[-kind]-<key>``, the key a
+    hash of the source's bytes (hashed once per file version, ``source_sha256``), the tokenizer and the
+    settings. ``cache`` None: ``cache_dir("datasets")``."""
+    cache = Path(cache or cache_dir("datasets"))
+    key = hashlib.sha256(source_sha256(path, cache).encode())
+    key.update(tokenizer_fingerprint(tokenizer).encode())
+    key.update(json.dumps(settings, sort_keys=True).encode())
+    return cache / "-".join([path.name.split(".")[0], *([kind] if kind else []), key.hexdigest()[:16]])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides token ids: the tokenizer.json it was loaded from (cheap),
+    else its serialised backend, plus the chat template."""
+    saved = Path(str(tokenizer.name_or_path)) / "tokenizer.json"
+    content = saved.read_bytes() if saved.is_file() else tokenizer.backend_tokenizer.to_str().encode()
+    return hashlib.sha256(content + (tokenizer.chat_template or "").encode()).hexdigest()
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -22,7 +22,7 @@ once with the field's name, whatever ``strict`` says (a wrong ``data.format`` is
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,7 @@ from data.readers import (
     DataError,
     ReadResult,
     Report,
-    check_tree_settings,
-    checked_file,
-    checked_languages,
+    checked_source,
     read_records,
     read_trees,
     reporter,
@@ -57,10 +55,14 @@ _OTHER_SHAPES = (
 
 @dataclass
 class Preferences(ReadResult):
-    """What a preference reader produced: pairs (``paired``) or labelled completions, and what it left out."""
+    """What a preference reader produced: pairs (``paired``) or labelled completions (iterating it yields
+    them), and what it left out (``summary()``)."""
 
     paired: bool = True
     records: list[dict] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.records)
 
     def found(self) -> str:
         if self.paired:
@@ -115,9 +117,7 @@ def _checked_arguments(path: Path, format, lang, pairs_per_prompt, min_rank_gap)
             "(replies of equal rank make no pair)",
         )
     given = {"data.lang": lang is not None, "data.pairs_per_prompt": pairs_per_prompt is not None}
-    check_tree_settings(format, {**given, "data.min_rank_gap": min_rank_gap != 1})
-    checked_file(path)
-    return checked_languages(lang)
+    return checked_source(path, format, lang, {**given, "data.min_rank_gap": min_rank_gap != 1})
 
 
 def _is_int(value: Any) -> bool:

@@ -90,9 +90,13 @@ class ReadResult:
 
 @dataclass
 class Conversations(ReadResult):
-    """What a reader produced: the conversations, what it left out by reason, and the first of each."""
+    """What a reader produced: the conversations (iterating it yields them), what it left out by reason,
+    and the first of each (``summary()``)."""
 
     conversations: list[list[dict]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        return iter(self.conversations)
 
     def found(self) -> str:
         return f"{len(self.conversations)} conversations"
@@ -144,12 +148,23 @@ def _checked_arguments(path: Path, format: str, lang: Sequence[str] | None, thre
         )
     if threads not in oasst.THREAD_POLICIES:
         raise DataError("unknown threads", f"data.threads: {threads!r} is not one of best, all")
-    check_tree_settings(format, {"data.lang": lang is not None, "data.threads=all": threads != "best"})
+    return checked_source(
+        path, format, lang, {"data.lang": lang is not None, "data.threads=all": threads != "best"}
+    )
+
+
+def checked_source(
+    path: Path, format: str, lang: str | Sequence[str] | None, tree_settings: dict[str, bool]
+) -> set[str] | None:
+    """The checks every reader makes before reading, after its own: no settings for OpenAssistant trees
+    (``tree_settings``: name → whether it is set) on another format, a file there, a ``data.lang`` that
+    keeps something. Returns ``lang`` as a set (None keeps every language)."""
+    _check_tree_settings(format, tree_settings)
     checked_file(path)
-    return checked_languages(lang)
+    return _checked_languages(lang)
 
 
-def check_tree_settings(format: str, given: dict[str, bool]) -> None:
+def _check_tree_settings(format: str, given: dict[str, bool]) -> None:
     """Raise, naming the first of ``given`` that is set, when ``format`` is no OpenAssistant tree format."""
     setting = next((name for name, is_set in given.items() if is_set), None)
     if format not in TREE_FORMATS and setting is not None:
@@ -165,7 +180,7 @@ def checked_file(path: Path) -> None:
         raise DataError("missing file", f"{path}: no such file; set data.path to a local file")
 
 
-def checked_languages(lang: str | Sequence[str] | None) -> set[str] | None:
+def _checked_languages(lang: str | Sequence[str] | None) -> set[str] | None:
     """``data.lang`` as a set (None keeps every language); an empty list is an error."""
     if lang is None:
         return None

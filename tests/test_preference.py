@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import REPO
 
-import data.prepare_preference as prepare_module
+import data.prepare as prepare_module
 from data import (
     DataError,
     encode_chat,
@@ -217,6 +217,12 @@ def test_shipped_samples_read_cleanly():
     assert not kto.dropped and {record["label"] for record in kto.records} == {True, False}
     for path in (PAIRS, KTO, OASST_MESSAGES):
         assert path.stat().st_size < 60_000
+
+
+def test_preferences_iterate_and_keep_their_summary():
+    kto = load_preferences(KTO, "kto")
+    assert [record for record in kto] == kto.records and all("label" in record for record in kto)
+    assert kto.summary().startswith(f"{KTO}: {len(kto.records)} completions (")
 
 
 def test_strings_implicit_prompts_and_messages_read_alike(tmp_path):

@@ -175,3 +175,18 @@ def test_cli_rejects_a_bad_key(tmp_path):
         timeout=120,
     )
     assert result.returncode != 0 and "formatt" in result.stderr
+
+
+def test_data_imports_nothing_from_train():
+    """``data`` stands alone (design.md): its pipeline and the config its command composes load no train."""
+    code = (
+        "import sys, data, data.prepare, data.rows, data.summary, data.cache\n"
+        "from data import *\n"
+        "from data.config import compose_config\n"
+        "compose_config(['stage=dpo', 'data=preference_sample'])\n"
+        "print(*[name for name in sys.modules if name.split('.')[0] == 'train'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.split() == []

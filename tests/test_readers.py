@@ -13,7 +13,7 @@ from conftest import REPO, SAMPLE
 from omegaconf import OmegaConf
 
 from data import DataError, encode_chat, load_conversations, validate_messages
-from train.config import register_configs
+from data.config import sample_path
 
 SAMPLES = REPO / "data" / "samples"
 OASST_MESSAGES = SAMPLES / "oasst_messages_sample.jsonl"
@@ -91,6 +91,13 @@ def test_reads_the_shipped_sample():
     assert len(loaded.conversations) >= 100
     assert not loaded.dropped
     assert all(conversation[-1]["role"] == "assistant" for conversation in loaded.conversations)
+
+
+def test_conversations_iterate_and_keep_their_summary(tmp_path):
+    path = write_lines(tmp_path / "chats.jsonl", [json.dumps(GOOD).encode(), b"{broken"])
+    loaded = load_conversations(path, "messages")
+    assert [conversation for conversation in loaded] == [GOOD["messages"]]
+    assert loaded.summary().startswith(f"{path}: 1 conversations, 1 dropped")
 
 
 def test_sharegpt_and_gzip(tmp_path):
@@ -462,7 +469,7 @@ def test_parquet_round_trip(tmp_path):
 # ── every shipped chat data config reads cleanly and encodes like the official template ──
 def data_configs() -> list[dict]:
     """The chat sources; preference data (stage=dpo/kto) has its own readers, tested in test_preference."""
-    register_configs()
+    OmegaConf.register_new_resolver("sample", sample_path, replace=True)
     files = sorted((REPO / "conf" / "data").glob("*.yaml"))
     configs = [OmegaConf.to_container(OmegaConf.load(file), resolve=True) for file in files]
     return [data for data in configs if data["format"] not in ("preference", "kto")]

@@ -8,7 +8,7 @@ Numbers live in ``conf/``; fields without a sensible universal value are ``MISSI
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from data.config import DataConfig, sample_path
 from train.run_dir import CONFIG_FILE, run_config
 
 METHODS = ("full", "lora", "qlora")
@@ -85,21 +86,6 @@ class MethodConfig:
     load_in_4bit: bool = False
     bnb_4bit_quant_type: str = "nf4"  # bitsandbytes' BitsAndBytesConfig names
     bnb_4bit_use_double_quant: bool = True
-
-
-@dataclass
-class DataConfig:
-    name: str = MISSING
-    path: str = MISSING
-    format: str = MISSING
-    strict: bool = False  # true: the first bad record stops the run; false: skip and count it
-    lang: list[str] | None = None  # OpenAssistant trees: keep only these language codes
-    threads: str = "best"  # OpenAssistant trees: best (best-ranked reply at each step) or all (every path)
-    overflow: str = "truncate"  # conversations over training.max_length: truncate or drop
-    num_proc: int = MISSING  # processes encoding the source (datasets' map)
-    cache_dir: str | None = None  # prepared datasets; None: $XDG_CACHE_HOME/llama31-finetune/datasets
-    pairs_per_prompt: int | None = None  # dpo/kto on OpenAssistant trees: pairs per prompt (None: all)
-    min_rank_gap: int = 1  # dpo/kto on OpenAssistant trees: replies this many ranks apart make a pair
 
 
 @dataclass
@@ -206,12 +192,6 @@ class Config:
 
 class ConfigError(ValueError):
     """A config that cannot work; lists every problem with its key and the fix."""
-
-
-def sample_path(name: str) -> str:
-    """``${sample:file}`` in configs: a data file shipped in ``data/samples/`` (``data`` not imported)."""
-    package = importlib.util.find_spec("data")
-    return str(Path(package.origin).parent / "samples" / name)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -1,6 +1,6 @@
 """DPO and KTO: TRL's DPOTrainer / KTOTrainer on our prepared preference rows, with the run's callbacks.
 
-``data.prepare_preference`` writes the rows these trainers collate (``prompt_ids`` + ``chosen_ids`` /
+``data.rows`` encodes the rows these trainers collate (``prompt_ids`` + ``chosen_ids`` /
 ``rejected_ids``, or ``completion_ids`` + ``label``), token-exact with our Llama 3.1 encoder and already
 cut to ``max_length``. TRL 1.16 has no pre-tokenized path: both trainers' ``__init__`` always call
 ``_prepare_dataset``, which renders and tokenizes ``prompt``/``chosen``/... text again

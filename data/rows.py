@@ -1,0 +1,235 @@
+"""Encoded rows: records → the token ids TRL trains on, cut or dropped at ``max_length``, with a summary.
+
+Chats (SFT) become ``input_ids`` and ``assistant_masks``; TRL's SFTTrainer folds the masks into labels
+(-100 where 0), so loss falls only on assistant tokens. A cut that would leave no assistant token drops
+the conversation.
+
+Preference records become what TRL's own tokenisation would produce, made by our exact encoder instead:
+
+- ``objective="dpo"``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (TRL's DataCollatorForPreference);
+- ``objective="kto"``: ``prompt_ids``, ``completion_ids``, ``label`` (DataCollatorForUnpairedPreference).
+
+``prompt_ids`` end on the assistant header, as the template's generation prompt does, and a completion's
+ids are its content and ``<|eot_id|>``, so ``prompt_ids + chosen_ids == encode_chat(prompt + chosen)``.
+TRL 1.16 re-tokenises in ``_prepare_dataset`` whatever it is given (trl/trainer/dpo_trainer.py and
+kto_trainer.py have no pre-tokenised path), so a trainer that trains on these rows overrides that
+method: DPO returns the dataset as it is; KTO adds only its ``KL_completion_ids``.
+
+``max_length`` as TRL 1.16 applies it to preference rows (``DataCollatorForPreference``,
+``truncation_mode="keep_start"``, and ``_prepare_dataset``'s filter): a training sequence is prompt + one
+completion. With ``overflow="truncate"`` a completion is cut so the sequence fits, and a row whose prompt
+alone fills ``max_length`` is dropped (no completion token would be left); with ``"drop"`` a row with any
+sequence over ``max_length`` is dropped. Cutting here rather than in the collator keeps the counts in the
+summary true, and leaves the collator's own cut nothing to do. A pair whose chosen and rejected are cut
+to the same tokens is dropped too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import pyarrow as pa
+from datasets import Dataset
+
+from data.chat import encode_chats
+from data.readers import DataError
+from data.summary import PreferenceSummary, PrepareSummary, length_histogram
+
+OVERFLOW_POLICIES = ("truncate", "drop")
+OBJECTIVES = ("dpo", "kto")  # the preference objectives; sft trains on chats
+# Part of each prepared dataset's cache key: bumped whenever the readers, encode_chat or the rows written
+# here change (chats: ENCODER_VERSION; preference rows: PREFERENCE_VERSION), so stale caches are not reused.
+ENCODER_VERSION = "3"
+PREFERENCE_VERSION = "1"
+_CHUNK = 1024  # preference records encoded per batched call into the tokenizer
+
+
+def check_settings(overflow: str, objective: str | None = None) -> None:
+    """Fail before reading: an overflow policy, or a preference ``objective`` (None: chats), that the
+    encoders here do not have."""
+    if objective is not None and objective not in OBJECTIVES:
+        raise DataError(
+            "invalid setting", f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}"
+        )
+    if overflow not in OVERFLOW_POLICIES:
+        raise DataError(
+            "invalid setting",
+            f"unknown overflow policy {overflow!r}; expected one of {', '.join(OVERFLOW_POLICIES)}",
+        )
+
+
+# ── chats → input_ids + assistant_masks ──────────────────────────────────────────────
+def encode_conversations(
+    conversations: list[list[dict]],
+    tokenizer,
+    *,
+    max_length: int,
+    overflow: str = "truncate",
+    num_proc: int = 1,
+) -> tuple[Dataset, PrepareSummary]:
+    """Encode conversations into ``input_ids`` + ``assistant_masks``; cut or drop those over ``max_length``.
+
+    A cut that would leave no assistant token to learn drops the conversation (counted),
+    never keeps a row that only costs compute.
+    """
+    check_settings(overflow)
+    texts = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    # Our own fingerprint: datasets would otherwise pickle and hash the whole tokenizer.
+    fingerprint = hashlib.sha256(f"{ENCODER_VERSION} {max_length} {overflow}".encode())
+    for text in texts:
+        fingerprint.update(text.encode())
+    encoded = Dataset.from_dict({"conversation": texts}).with_format("arrow")
+    encoded = encoded.map(
+        _encode_batch,
+        batched=True,
+        num_proc=num_proc if len(texts) >= 2 * num_proc > 2 else None,
+        remove_columns=["conversation"],
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "overflow": overflow},
+        desc="Encoding Llama 3.1 chats",
+        new_fingerprint=fingerprint.hexdigest()[:16],
+    ).with_format(None)
+    columns = encoded.select_columns(["status", "length", "trainable", "full_length"]).to_dict()
+    status, lengths, trainable = columns["status"], columns["length"], columns["trainable"]
+    kept = [index for index, s in enumerate(status) if s in ("ok", "truncated")]
+    summary = PrepareSummary(
+        source="",
+        conversations=len(kept),
+        tokens=sum(lengths[i] for i in kept),
+        trainable_tokens=sum(trainable[i] for i in kept),
+        truncated=status.count("truncated"),
+        dropped=dict(Counter(s for s in status if s not in ("ok", "truncated"))),
+        length_histogram=length_histogram(columns["full_length"], max_length),
+    )
+    if len(kept) < len(encoded):
+        encoded = encoded.select(kept)
+    return encoded.remove_columns(["status", "full_length", "length", "trainable"]), summary
+
+
+def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) -> pa.Table:
+    """Encode a batch of JSON conversations; returns Arrow columns built without per-token Python objects."""
+    dialogs = [json.loads(conversation) for conversation in batch.column("conversation").to_pylist()]
+    ids_flat, masks_flat, offsets = [], [], [0]
+    full_length, length, trainable, status = [], [], [], []
+    for encoded in encode_chats(dialogs, tokenizer):
+        ids, masks, verdict = encoded["input_ids"], encoded["assistant_masks"], "ok"
+        if len(ids) > max_length:
+            if overflow == "drop":
+                verdict = f"longer than max_length={max_length}"
+            elif not any(masks[:max_length]):
+                verdict = f"no assistant token within max_length={max_length}"
+            else:
+                ids, masks, verdict = ids[:max_length], masks[:max_length], "truncated"
+        full_length.append(len(encoded["input_ids"]))
+        length.append(len(ids))
+        trainable.append(sum(masks))
+        status.append(verdict)
+        ids_flat += ids
+        masks_flat += masks
+        offsets.append(len(ids_flat))
+    offsets = pa.array(offsets, pa.int32())
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids_flat, pa.int32())),
+            "assistant_masks": pa.ListArray.from_arrays(offsets, pa.array(masks_flat, pa.int8())),
+            "full_length": pa.array(full_length, pa.int32()),
+            "length": pa.array(length, pa.int32()),
+            "trainable": pa.array(trainable, pa.int32()),
+            "status": pa.array(status, pa.string()),
+        }
+    )
+
+
+# ── one preference record → token ids ────────────────────────────────────────────────
+def encode_preference(record: Mapping, tokenizer) -> dict:
+    """A pair → ``prompt_ids``, ``chosen_ids``, ``rejected_ids``; a KTO record → ``prompt_ids``,
+    ``completion_ids``, ``label``. Records as ``data.preference`` reads them."""
+    return encode_preferences([record], tokenizer)[0]
+
+
+def encode_preferences(records: Sequence[Mapping], tokenizer) -> list[dict]:
+    """``encode_preference`` for many records: all their text goes through one batched tokenizer call.
+
+    Each completion is encoded after its prompt with ``encode_chats`` and split where the final run of
+    learned tokens (``assistant_masks``) begins, so the split is exact whatever the tokenizer merges.
+    """
+    names = [("chosen", "rejected") if "chosen" in record else ("completion",) for record in records]
+    dialogs = [
+        [*record["prompt"], *record[name]]
+        for record, pair in zip(records, names, strict=True)
+        for name in pair
+    ]
+    encoded = iter(encode_chats(dialogs, tokenizer))
+    rows = []
+    for record, pair in zip(records, names, strict=True):
+        row = {}
+        for name in pair:
+            prompt_ids, completion_ids = _split(next(encoded))
+            if row.setdefault("prompt_ids", prompt_ids) != prompt_ids:
+                raise ValueError(f"the prompt encodes differently before {name!r}: {record['prompt']!r}")
+            row[f"{name}_ids"] = completion_ids
+        if "label" in record:
+            row["label"] = record["label"]
+        rows.append(row)
+    return rows
+
+
+def _split(encoded: dict[str, list[int]]) -> tuple[list[int], list[int]]:
+    masks = encoded["assistant_masks"]
+    start = len(masks) - masks[::-1].index(0)  # BOS is never learned, so a 0 is always there
+    return encoded["input_ids"][:start], encoded["input_ids"][start:]
+
+
+# ── preference records → dataset ─────────────────────────────────────────────────────
+def encode_preference_records(
+    records: Sequence[Mapping], tokenizer, *, objective: str, max_length: int, overflow: str = "truncate"
+) -> tuple[Dataset, PreferenceSummary]:
+    """Encode records into the rows of ``objective`` (see the module); cut or drop rows over max_length."""
+    check_settings(overflow, objective)
+    completions = ("chosen", "rejected") if objective == "dpo" else ("completion",)
+    if records and completions[0] not in records[0]:
+        raise ValueError(f"{objective} needs records with {', '.join(completions)}; unpair pairs for kto")
+    columns: dict[str, list] = {"prompt_ids": [], **{f"{name}_ids": [] for name in completions}, "label": []}
+    summary, dropped, full_lengths = PreferenceSummary(source="", objective=objective), Counter(), []
+    for start in range(0, len(records), _CHUNK):
+        for row in encode_preferences(records[start : start + _CHUNK], tokenizer):
+            prompt, ids = row["prompt_ids"], [row[f"{name}_ids"] for name in completions]
+            longest = len(prompt) + max(map(len, ids))
+            full_lengths.append(longest)
+            if longest > max_length:
+                verdict = _overflow(prompt, ids, max_length, overflow)
+                if verdict:
+                    dropped[verdict] += 1
+                    continue
+                ids = [completion[: max_length - len(prompt)] for completion in ids]
+                summary.truncated += 1
+            columns["prompt_ids"].append(prompt)
+            for name, completion in zip(completions, ids, strict=True):
+                columns[f"{name}_ids"].append(completion)
+            columns["label"].append(row.get("label"))
+            summary.prompt_tokens += len(prompt)
+            summary.completion_tokens += sum(map(len, ids))
+    summary.rows = len(columns["prompt_ids"])
+    summary.desirable = sum(label is True for label in columns["label"])
+    summary.dropped = dict(dropped.most_common())
+    summary.length_histogram = length_histogram(full_lengths, max_length)
+    table = {
+        name: pa.array(values, pa.list_(pa.int32())) for name, values in columns.items() if name != "label"
+    }
+    if objective == "kto":
+        table["label"] = pa.array(columns["label"], pa.bool_())
+    return Dataset(pa.table(table)), summary
+
+
+def _overflow(prompt: list[int], completions: list[list[int]], max_length: int, overflow: str) -> str | None:
+    """Why a row over ``max_length`` is dropped, or None when cutting its completions keeps it."""
+    if overflow == "drop":
+        return f"longer than max_length={max_length}"
+    if len(prompt) >= max_length:
+        return f"prompt fills max_length={max_length}"
+    room = max_length - len(prompt)
+    if len(completions) == 2 and completions[0][:room] == completions[1][:room]:
+        return f"chosen and rejected identical within max_length={max_length}"
+    return None

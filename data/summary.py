@@ -1,0 +1,89 @@
+"""What preparing a source made of it: counts, drops by reason with the first of each, a length histogram.
+
+The encoder (``data.rows``) fills the counts and the histogram; the pipeline (``data.prepare``) adds what
+the reader left out and where the dataset was saved, and keeps the summary beside it in the cache.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PrepareSummary:
+    """What prepare made of a chat source: counts, drops by reason, and a length histogram."""
+
+    source: str
+    conversations: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    length_histogram: dict[str, int] = field(default_factory=dict)
+    path: str = ""
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.source}",
+            f"  {self.conversations} conversations, {self.tokens:,} tokens, "
+            f"{self.trainable_tokens:,} trainable ({self.trainable_tokens / max(self.tokens, 1):.0%}), "
+            f"{self.truncated} truncated",
+        ]
+        return "\n".join(lines + summary_details(self, "tokens"))
+
+
+@dataclass
+class PreferenceSummary:
+    """What prepare made of a preference source: rows, tokens, drops by reason, and a length histogram."""
+
+    source: str
+    objective: str
+    rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    truncated: int = 0
+    desirable: int = 0  # kto: rows labelled true
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    length_histogram: dict[str, int] = field(default_factory=dict)  # longest sequence of each row
+    path: str = ""
+
+    def __str__(self) -> str:
+        kind = "pairs" if self.objective == "dpo" else "completions"
+        lines = [
+            f"{self.source}",
+            f"  {self.rows} {kind}, {self.prompt_tokens:,} prompt tokens, "
+            f"{self.completion_tokens:,} completion tokens, {self.truncated} truncated",
+        ]
+        if self.objective == "kto":
+            lines.append(f"  {self.desirable} desirable, {self.rows - self.desirable} undesirable")
+        return "\n".join(lines + summary_details(self, "tokens of prompt + longest completion"))
+
+
+def summary_details(summary: PrepareSummary | PreferenceSummary, lengths: str) -> list[str]:
+    """The lines a summary ends with: drops by reason, the first of each, a histogram of
+    ``summary.length_histogram`` (``lengths`` says what was measured), and where it was saved."""
+    lines = [f"  dropped {count} × {reason}" for reason, count in summary.dropped.items()]
+    lines += [f"    e.g. {example}" for example in summary.examples]
+    widest = max(summary.length_histogram.values(), default=1)
+    lines.append(f"  length ({lengths}, before truncation):")
+    lines += [
+        f"    {bucket:>13} {count:>7} {'█' * round(30 * count / widest)}"
+        for bucket, count in summary.length_histogram.items()
+    ]
+    if summary.path:
+        lines.append(f"  saved in {summary.path}")
+    return lines
+
+
+def length_histogram(lengths: list[int], max_length: int) -> dict[str, int]:
+    """Counts per power-of-two bucket, with everything over max_length in its own bucket."""
+    bounds = [2**k for k in range(5, 32) if 2**k < max_length] + [max_length]
+    counts = Counter()
+    for length in lengths:
+        upper = next((b for b in bounds if length <= b), None)
+        counts[f"≤{upper}" if upper else f">{max_length}"] += 1
+    order = [f"≤{b}" for b in bounds] + [f">{max_length}"]
+    return {bucket: counts[bucket] for bucket in order if counts[bucket]}
