@@ -26,6 +26,9 @@ _CONVERSION_VERSION = "1"
 BOS = "<|begin_of_text|>"
 EOT = "<|eot_id|>"
 PAD = "<|finetune_right_pad_id|>"
+# Where generation stops: end of text, end of message (a tool call), end of turn. Source: Meta's Llama 3.1
+# Instruct generation_config.json, eos_token_id [128001, 128008, 128009].
+STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", EOT)
 
 
 def llama31_special_tokens() -> list[str]:
@@ -73,7 +76,8 @@ def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.Pa
     checkpoint). Without one the tokenizer is converted from llama-models' file and cached
     under ``cache_dir`` (default ``$XDG_CACHE_HOME/llama31-finetune/tokenizer``).
     The returned tokenizer pads with ``<|finetune_right_pad_id|>``, never with EOS, so a
-    collator cannot mask the ``<|eot_id|>`` the model must learn.
+    collator cannot mask the ``<|eot_id|>`` the model must learn; its EOS is ``<|eot_id|>``,
+    the end of an Instruct turn, even where a base checkpoint says ``<|end_of_text|>``.
     """
     if path is not None:
         return _load_local(Path(path))
@@ -108,7 +112,16 @@ def _load_local(path: Path) -> PreTrainedTokenizerBase:
         tokenizer.chat_template = CHAT_TEMPLATE_FILE.read_text()
     if tokenizer.pad_token is None and PAD in tokenizer.get_vocab():
         tokenizer.pad_token = PAD
+    if EOT in tokenizer.get_vocab():
+        # A base checkpoint's EOS is <|end_of_text|>; we train the Instruct format, whose turns end in
+        # <|eot_id|>, and a model saved with this tokenizer must stop there (as Meta's Instruct one does).
+        tokenizer.eos_token = EOT
     return tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids generation stops at (``STOP_TOKENS``): [128001, 128008, 128009] in Llama 3.1."""
+    return tokenizer.convert_tokens_to_ids(list(STOP_TOKENS))
 
 
 def _convert(model_file: Path, template: str) -> PreTrainedTokenizerFast:

@@ -29,6 +29,27 @@ def meta_tokenizer():
     return Tokenizer(meta_tokenizer_model())
 
 
+def meta_base_checkpoint(directory: Path, tokenizer, model=None) -> Path:
+    """``directory`` as Meta's base release (Llama-3.1-8B) ships it: a tokenizer whose EOS is
+    ``<|end_of_text|>``, with no pad token and no chat template; with ``model``, its weights, a config.json
+    and a generation_config.json that stop at ``<|end_of_text|>`` (128001) only."""
+    import json
+
+    tokenizer.save_pretrained(directory)
+    (directory / "chat_template.jinja").unlink()
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.pop("pad_token")
+    config["eos_token"] = "<|end_of_text|>"
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if model is not None:
+        model.config.eos_token_id, model.config.pad_token_id = 128001, None
+        model.save_pretrained(directory)
+        base_generation = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": 128001,
+                           "temperature": 0.6, "top_p": 0.9}  # fmt: skip
+        (directory / "generation_config.json").write_text(json.dumps(base_generation, indent=2))
+    return directory
+
+
 def run_train(*overrides: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m train <overrides>`` as a user runs it, from ``cwd``."""
     env = {**os.environ, "WANDB_SILENT": "true"}

@@ -7,7 +7,7 @@ from conftest import REPO, run_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import Config, ConfigError, load_config, register_configs
+from train.config import Config, ConfigError, load_config, register_configs, trl_settings
 
 register_configs()
 CONF = REPO / "conf"
@@ -72,11 +72,50 @@ def test_lora_without_rank_is_refused():
         load_config(composed("method.r=null"))
 
 
+def test_trl_fields_pass_through_with_or_without_plus(tmp_path):
+    from train.outputs import save_resolved_config
+    from train.run_dir import run_config
+
+    appended = "+training.gradient_checkpointing_kwargs={use_reentrant:false}"
+    cfg = composed("training.ddp_timeout=600", appended)
+    settings = trl_settings(load_config(cfg).training)
+    assert settings["ddp_timeout"] == 600
+    assert settings["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert settings["max_steps"] == 40  # the typed ones too
+    save_resolved_config(cfg, tmp_path)  # and a run directory's config.yaml reads back with them
+    assert trl_settings(run_config(tmp_path).training)["ddp_timeout"] == 600
+
+
+def test_a_pass_through_typo_names_the_nearest_fields():
+    with pytest.raises(ConfigError) as error:
+        load_config(composed("training.ddp_timout=600", "training.max_stepz=3"))
+    unknown = "not a field of TRL's SFTConfig (stage=sft)"
+    assert f"training.ddp_timout: {unknown}; did you mean ddp_timeout?" in str(error.value)
+    assert f"training.max_stepz: {unknown}; did you mean max_steps," in str(error.value)
+
+
+def test_a_setting_of_another_stage_or_of_the_run_is_refused_naming_where_it_belongs():
+    with pytest.raises(ConfigError) as error:
+        load_config(composed("+training.precompute_ref_log_probs=true", "training.bf16=true"))
+    message = str(error.value)
+    assert (
+        "training.precompute_ref_log_probs: a setting of stage=dpo or kto (DPOConfig, KTOConfig), "
+        "not of stage=sft (SFTConfig); remove it"
+    ) in message
+    assert "training.bf16: set by the run from model.dtype; set that instead" in message
+    with pytest.raises(ConfigError) as error:
+        load_config(composed("stage=dpo", "data=preference_sample", "training.completion_only_loss=true"))
+    assert "a setting of stage=sft (SFTConfig), not of stage=dpo (DPOConfig)" in str(error.value)
+    with pytest.raises(ConfigError, match=r"training.beta: set by the run from stage.beta"):
+        load_config(composed("stage=dpo", "data=preference_sample", "training.beta=0.3"))
+
+
 # The command line, as a user meets it: non-zero exit and a message naming the key, before any work.
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
         ("training.max_stepz=3", "training.max_stepz"),
+        ("training.ddp_timout=600", "did you mean ddp_timeout?"),
         ("model.hidden_size=wide", "model.hidden_size"),
         ("method=dora", "method/dora"),
         ("+training.foo=1", "training.foo"),

@@ -7,10 +7,14 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, meta_base_checkpoint
+from test_config import composed
 from test_trainer import tiny_trainer
 
+from data import load_tokenizer
+from train.config import load_config
 from train.export import adapter_model, export
+from train.model import build_model
 from train.outputs import final_dir
 
 
@@ -97,3 +101,28 @@ def test_merge_runs_on_the_cpu_where_a_gpu_is_visible(tmp_path, tokenizer, monke
     merged = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     assert merged.config.dtype == torch.bfloat16 and merged.lm_head.weight.dtype == torch.bfloat16
     assert not hasattr(merged, "peft_config") and getattr(merged, "hf_quantizer", None) is None
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_base_checkpoint_tuned_in_the_instruct_format_stops_at_eot(tmp_path, tokenizer, method):
+    """A base checkpoint (tokenizer EOS <|end_of_text|>, generation_config eos 128001) fine-tuned in the
+    Instruct format: what the run saves and what export writes load, in plain transformers, stopping at
+    <|eom_id|> and <|eot_id|> too, as Meta's Instruct release does."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    architecture = load_config(composed()).model
+    random_weights = build_model(architecture, tokenizer, dtype=torch.float32, seed=0)
+    base = meta_base_checkpoint(tmp_path / "Llama-3.1-base", tokenizer, random_weights)
+    assert GenerationConfig.from_pretrained(base).eos_token_id == 128001
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer, _ = tiny_trainer(
+        run_dir, load_tokenizer(base), f"method={method}", f"model.path={base}", "training.max_steps=2",
+        "training.save_steps=100",
+    )  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(final_dir(run_dir, method)))
+    saved = [final_dir(run_dir, method), *([export(run_dir)] if method == "lora" else [])]
+    for directory in saved:
+        assert AutoTokenizer.from_pretrained(directory).eos_token == "<|eot_id|>", directory
+        assert GenerationConfig.from_pretrained(directory).eos_token_id == [128001, 128008, 128009], directory

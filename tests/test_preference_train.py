@@ -18,7 +18,7 @@ from train.config import ConfigError, load_config
 from train.model import build_model, compute_dtype
 from train.outputs import read_metrics, save_resolved_config
 from train.plan import REFERENCES, format_plan, plan_memory, reference_model
-from train.preference import build_preference_trainer, init_model, score_with_model_logits
+from train.preference import build_preference_trainer, init_model, kl_partners, score_with_model_logits
 from train.trainer import training_args
 
 SAMPLES = REPO / "data" / "samples"
@@ -84,16 +84,34 @@ def test_stage_settings_reach_trl_under_their_names(tmp_path, tokenizer):
     assert (kto.args.beta, kto.args.loss_type, kto.args.undesirable_weight) == (0.1, "kto", 1.5)
 
 
-def test_kto_pairs_each_prompt_with_the_previous_completion_of_its_batch(tmp_path, tokenizer):
+def test_kto_shuffles_and_pairs_each_prompt_with_another_prompts_completion(tmp_path, tokenizer):
     trainer, dataset = preference_trainer(
-        tmp_path, tokenizer, "stage=kto", "data=kto_sample", "training.per_device_train_batch_size=3", rows=8
+        tmp_path, tokenizer, "stage=kto", "data=kto_sample", "training.per_device_train_batch_size=3", rows=30
     )
     rows = trainer.train_dataset.to_list()
-    assert [{k: v for k, v in row.items() if k != "KL_completion_ids"} for row in rows] == dataset.to_list()
-    completions = [row["completion_ids"] for row in dataset]
-    for start in range(0, 8, 3):  # TRL's rotation by one within each batch: (x1, y_n), (x2, y1), ...
-        batch = completions[start : start + 3]
-        assert [row["KL_completion_ids"] for row in rows[start : start + 3]] == batch[-1:] + batch[:-1]
+    original = dataset.to_list()  # the sample's rows: a prompt's completions side by side
+    shuffled = [{k: v for k, v in row.items() if k != "KL_completion_ids"} for row in rows]
+    assert shuffled != original and sorted(map(str, shuffled)) == sorted(map(str, original))
+    prompts_of = {}
+    for row in original:
+        prompts_of.setdefault(tuple(row["completion_ids"]), set()).add(tuple(row["prompt_ids"]))
+    for row in rows:  # no KL row pairs a prompt with a completion of its own
+        assert tuple(row["prompt_ids"]) not in prompts_of[tuple(row["KL_completion_ids"])]
+    for start in range(0, 30, 3):  # where a batch allows it, the KL term uses the batch's own completions
+        batch = rows[start : start + 3]
+        if len({tuple(row["prompt_ids"]) for row in batch}) == 3:
+            assert sorted(r["KL_completion_ids"] for r in batch) == sorted(r["completion_ids"] for r in batch)
+
+
+def test_kto_kl_partners_are_deterministic_in_the_seed():
+    prompts = [[1], [1], [2], [2], [3], [3], [3], [3], [3], [4]]  # prompt 3 fills more than half a batch
+    order, partners = kl_partners(prompts, batch_size=4, seed=42)
+    assert (order, partners) == kl_partners(prompts, batch_size=4, seed=42)
+    assert order != kl_partners(prompts, batch_size=4, seed=7)[0]
+    assert sorted(order) == list(range(10))
+    assert all(prompts[order[p]] != prompts[order[q]] for p, q in enumerate(partners))
+    with pytest.raises(ValueError, match="every row has the same prompt"):
+        kl_partners([[1], [1]], batch_size=2, seed=0)
 
 
 def test_model_logits_score_what_trls_chunked_head_scores(tokenizer):
@@ -346,7 +364,8 @@ def test_start_from_a_run_is_checked_before_any_work(sft_run, tmp_path):
 
 @pytest.mark.slow
 def test_kto_trains_with_lora_and_separates_desirable_from_undesirable(workdir):
-    rows = write_jsonl(workdir / "kto.jsonl", sample_records("kto_sample.jsonl", 2))  # one of each label
+    # one of each label, of two prompts: KTO's KL term pairs each prompt with the other's completion
+    rows = write_jsonl(workdir / "kto.jsonl", sample_records("kto_sample.jsonl", 4)[::3])
     run_dir = workdir / "kto"
     result = run_train(
         f"hydra.run.dir={run_dir}",

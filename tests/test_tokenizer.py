@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import meta_base_checkpoint
+from transformers import AutoTokenizer
 
 from data import load_tokenizer
-from data.tokenizer import CHAT_TEMPLATE_FILE, llama31_special_tokens
+from data.tokenizer import CHAT_TEMPLATE_FILE, llama31_special_tokens, stop_token_ids
 
 MULTILINGUAL = [
     "Hello world",
@@ -105,6 +107,17 @@ def test_local_tokenizer_directory(tokenizer, tmp_path):
     local = load_tokenizer(tmp_path)
     assert local.encode("Hello world", add_special_tokens=False) == [9906, 1917]
     assert local.chat_template == tokenizer.chat_template
+
+
+def test_a_base_checkpoint_tokenizer_ends_with_eot(tokenizer, tmp_path):
+    """Meta's base tokenizer ends text with <|end_of_text|>; the Instruct format we train ends turns with
+    <|eot_id|>, and so must the tokenizer every run saves."""
+    base = meta_base_checkpoint(tmp_path, tokenizer)
+    assert AutoTokenizer.from_pretrained(base).eos_token == "<|end_of_text|>"
+    local = load_tokenizer(base)
+    assert (local.eos_token, local.eos_token_id, local.pad_token_id) == ("<|eot_id|>", 128009, 128004)
+    assert local.chat_template == tokenizer.chat_template
+    assert stop_token_ids(local) == [128001, 128008, 128009]
 
 
 def test_missing_local_tokenizer_names_the_path(tmp_path):

@@ -63,3 +63,19 @@ def test_lora_on_all_linear_layers(tmp_path, tokenizer):
     trainer, _ = tiny_trainer(tmp_path, tokenizer, "method.target_modules=all-linear")
     adapted = {name.split(".")[-4] for name, p in trainer.model.named_parameters() if p.requires_grad}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_trl_fields_pass_through_to_the_trainer_arguments(tmp_path):
+    config = load_config(composed(
+        "training.ddp_timeout=600", "+training.save_only_model=true", "training.torch_compile=true",
+        "training.gradient_checkpointing_kwargs={use_reentrant:false}", "training.neftune_noise_alpha=5",
+        "training.loss_type=dft",  # SFTConfig's own; stage.loss_type is DPO's and KTO's
+    ))  # fmt: skip
+    args = training_args(config, tmp_path, torch.float32)
+    assert (args.ddp_timeout, args.save_only_model, args.torch_compile, args.neftune_noise_alpha) == (
+        600, True, True, 5
+    )  # fmt: skip
+    assert args.loss_type == "dft"
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    dpo = composed("stage=dpo", "data=preference_sample", "training.precompute_ref_log_probs=true")
+    assert training_args(load_config(dpo), tmp_path, torch.float32).precompute_ref_log_probs is True

@@ -37,6 +37,20 @@ STAGE_SETTINGS = {
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
 }
+# The TRL config each stage's ``training.*`` becomes (train/trainer.py), by name: trl takes seconds to
+# import, so it is imported only where a key needs it.
+TRL_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
+# Fields of those configs that the run sets from another key, and that key (and stage.* of STAGE_SETTINGS, for
+# the stages that have each: SFTConfig has a loss_type of its own).
+SET_BY_THE_RUN = {
+    "output_dir": "hydra.run.dir (the run directory)",
+    "run_name": "hydra.run.dir (the run directory)",
+    "bf16": "model.dtype",
+    "fp16": "model.dtype",
+    "use_cpu": "the device: CPU exactly when no GPU is visible (CUDA_VISIBLE_DEVICES)",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "activation_checkpointing": "model.gradient_checkpointing",
+}
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -126,7 +140,12 @@ class LaunchConfig:
 
 @dataclass
 class TrainingConfig:
-    """Settings passed to TRL's ``SFTConfig`` (stage=dpo/kto: ``DPOConfig``/``KTOConfig``) by name."""
+    """Settings passed to TRL's ``SFTConfig`` (stage=dpo/kto: ``DPOConfig``/``KTOConfig``) by name.
+
+    Typed here: the fields the project itself uses and documents. Any other field of the stage's TRL config
+    passes through under its own name (``training.ddp_timeout=600``): the node is open (``open_training``)
+    and ``pass_through_problems`` checks such keys against TRL's dataclass. ``trl_settings`` gives them all.
+    """
 
     seed: int = MISSING
     max_steps: int = MISSING
@@ -151,6 +170,16 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in this run's directory
     cpu_fused_lm_head: bool = False  # CPU only: TRL's chunked LM-head kernel instead of the model's own loss
     max_shard_size: str = "5GB"  # the final model/ and exports: safetensors files of at most this size
+
+
+def open_training() -> DictConfig:
+    """The ``training`` node of the schema, typed but open to keys it does not declare (OmegaConf lets a typed
+    node take new keys when its own struct flag is False, even under Hydra's struct root), so a TRL field
+    that ``TrainingConfig`` lacks is set like any other, in a file, on the command line, in a run's saved
+    config.yaml. ``OmegaConf.to_object`` makes such keys attributes of the ``TrainingConfig``."""
+    node = OmegaConf.structured(TrainingConfig)
+    OmegaConf.set_struct(node, False)
+    return node
 
 
 @dataclass
@@ -184,7 +213,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: TrainingConfig = field(default_factory=open_training)
     stage: StageConfig = field(default_factory=StageConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     output_dir: str = MISSING
@@ -443,8 +472,51 @@ def _launch_problems(launch: LaunchConfig) -> list[str]:
     return problems
 
 
+def trl_settings(training: TrainingConfig) -> dict[str, Any]:
+    """Every ``training.*`` setting by name: the typed fields and the keys passed through to TRL's config."""
+    return dict(vars(training))
+
+
+def pass_through_problems(training: TrainingConfig, stage: str) -> list[str]:
+    """The ``training.*`` keys ``TrainingConfig`` does not declare, checked against the real fields of the
+    stage's TRL config (``TRL_CONFIGS``): each must be one, of this stage, and not one the run sets from
+    another key (``SET_BY_THE_RUN``, this stage's ``STAGE_SETTINGS``). Imports trl only when there is such
+    a key."""
+    typed = {f.name for f in dataclasses.fields(TrainingConfig)}
+    passed = sorted(set(vars(training)) - typed)
+    if not passed or stage not in TRL_CONFIGS:
+        return []
+    import trl
+
+    fields = {
+        name: {f.name for f in dataclasses.fields(getattr(trl, config)) if f.init}
+        for name, config in TRL_CONFIGS.items()
+    }
+    problems = []
+    for key in passed:
+        if key in SET_BY_THE_RUN or stage in STAGE_SETTINGS.get(key, ()):
+            source = SET_BY_THE_RUN.get(key, f"stage.{key}")
+            problems.append(f"training.{key}: set by the run from {source}; set that instead")
+        elif key not in fields[stage]:
+            stages = [name for name in STAGES if key in fields[name]]
+            if stages:
+                problems.append(
+                    f"training.{key}: a setting of stage={' or '.join(stages)} "
+                    f"({', '.join(TRL_CONFIGS[name] for name in stages)}), not of stage={stage} "
+                    f"({TRL_CONFIGS[stage]}); remove it"
+                )
+                continue
+            nearest = difflib.get_close_matches(key, sorted(fields[stage] | typed), n=3)
+            fix = f"did you mean {', '.join(nearest)}?" if nearest else "remove it"
+            problems.append(
+                f"training.{key}: not a field of TRL's {TRL_CONFIGS[stage]} (stage={stage}); {fix}"
+            )
+    return problems
+
+
 def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
-    """Keys in ``node`` that ``schema`` lacks, with their full names.
+    """Keys in ``node`` that ``schema`` lacks, with their full names; ``training.*`` keys pass through to
+    TRL, checked by ``pass_through_problems``.
 
     Hydra lets ``+key=value`` append past struct mode, so the schema is checked once more here.
     """
@@ -452,7 +524,8 @@ def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
     unknown = []
     for key in node:
         if key not in fields:
-            unknown.append(f"{prefix}{key}")
+            if schema is not TrainingConfig:
+                unknown.append(f"{prefix}{key}")
         elif dataclasses.is_dataclass(field_type := _resolved_type(schema, key)):
             unknown += unknown_keys(node[key], field_type, f"{prefix}{key}.")
     return unknown
@@ -466,7 +539,8 @@ def load_config(cfg: DictConfig, *, check: bool = True) -> Config:
     """Turn Hydra's composed config into the typed ``Config``, or raise ConfigError with every problem.
 
     ``check=False`` skips ``validate`` (paths, cross-field rules), for tools that only read the
-    config, such as the memory planner; unknown keys and wrong types still fail.
+    config, such as the memory planner; unknown keys, wrong types and ``training.*`` keys that are no field
+    of the stage's TRL config still fail.
     """
     unknown = unknown_keys(cfg, Config)
     if unknown:
@@ -478,7 +552,8 @@ def load_config(cfg: DictConfig, *, check: bool = True) -> Config:
         config: Config = OmegaConf.to_object(cfg)
     except Exception as error:  # a MISSING value surfaces only here
         raise ConfigError(str(error)) from None
-    problems = validate(config) if check else []
+    problems = pass_through_problems(config.training, config.stage.name)
+    problems += validate(config) if check else []
     if problems:
         raise ConfigError("the config cannot run:\n  " + "\n  ".join(problems))
     return config

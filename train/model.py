@@ -18,6 +18,7 @@ from peft import LoraConfig
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from data.tokenizer import stop_token_ids
 from train.config import MethodConfig, ModelConfig
 from train.placement import Placement, release_freed_host_memory
 
@@ -93,12 +94,26 @@ def build_model(
         )
     dtype = weights_dtype(method, dtype, placement)
     if model.path is not None:
-        return load_checkpoint(model.path, dtype, attention_implementation(model.attn_implementation))
+        loaded = load_checkpoint(model.path, dtype, attention_implementation(model.attn_implementation))
+        return stop_at_end_of_turn(loaded, tokenizer)
     config = llama_config(model, tokenizer)
     config._attn_implementation = attention_implementation(model.attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config).to(dtype)
+        return stop_at_end_of_turn(LlamaForCausalLM(config).to(dtype), tokenizer)
+
+
+def stop_at_end_of_turn(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
+    """``model`` generating as Meta's Instruct models do: it stops at ``<|end_of_text|>``, ``<|eom_id|>`` or
+    ``<|eot_id|>`` (``data.tokenizer.STOP_TOKENS``), whatever generation_config.json its checkpoint had (a
+    base one stops at ``<|end_of_text|>`` only). Every model a run saves or exports carries it from here.
+
+    config.json says the same, as Meta's Instruct one does: at train start Trainer aligns both with the
+    tokenizer's EOS (transformers' ``align_special_tokens``) and puts that id first where the config lacks
+    it."""
+    model.config.eos_token_id = stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    return model
 
 
 def weights_dtype(
@@ -158,10 +173,11 @@ def load_4bit(
     if placement is not None and placement.zero3_init:
         device_map = None  # ZeRO-3 places weights itself: transformers refuses a device_map there
     with random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement) as path:
-        return AutoModelForCausalLM.from_pretrained(
+        quantized = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=quantization, device_map=device_map, **_LOAD_SAFELY,
             attn_implementation=attention_implementation(model.attn_implementation),
         )  # fmt: skip
+    return stop_at_end_of_turn(quantized, tokenizer)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,8 @@
 ``rejected_ids``, or ``completion_ids`` + ``label``), token-exact with our Llama 3.1 encoder and already
 cut to ``max_length``. TRL 1.16 has no pre-tokenized path: both trainers' ``__init__`` always call
 ``_prepare_dataset``, which renders and tokenizes ``prompt``/``chosen``/... text again
-(trl/trainer/dpo_trainer.py, kto_trainer.py). Here it returns our rows as they are; KTO adds only
-``KL_completion_ids``, exactly as TRL would.
+(trl/trainer/dpo_trainer.py, kto_trainer.py). Here it returns our rows as they are; KTO shuffles them
+with the seed and adds ``KL_completion_ids``, each a completion of another prompt (``kl_partners``).
 
 The reference model is the starting model, frozen. LoRA/QLoRA: none in memory; TRL scores the reference
 with the adapter disabled (a new adapter), or with a frozen copy of the adapter a run starts from
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import random
 from pathlib import Path
 
 import torch
@@ -60,18 +61,19 @@ class LlamaKTOTrainer(ShardedOnCpu, KTOTrainer):
         _after_init(self, cpu_fused_lm_head)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """The rows shuffled with the seed, each with ``KL_completion_ids``: a completion of another prompt
+        (``kl_partners``). TRL rotates completions by one within each batch of per_device_train_batch_size
+        rows, (x1, y_n), (x2, y1), ... (kto_trainer.py, _prepare_dataset), and never shuffles, since KTOConfig
+        samples in order (train_sampling_strategy="sequential") so that batches stay as built; our rows come
+        with a prompt's completions side by side, so that rotation mostly pairs a prompt with its own."""
         if not self.calculate_KL:
             return dataset
-        # TRL's KL estimate: each prompt with the completion before it in the same batch of
-        # per_device_train_batch_size rows, (x1, y_n), (x2, y1), ... (kto_trainer.py, _prepare_dataset);
-        # KTOConfig samples in order (train_sampling_strategy="sequential") so batches stay as built.
-        with global_then_local_main_first():
-            return dataset.map(
-                _rotated_completions,
-                batched=True,
-                batch_size=args.per_device_train_batch_size,
-                desc=f"Extracting KL {dataset_name} dataset",
-            )
+        seed = args.seed if args.data_seed is None else args.data_seed  # the sampler's seed in transformers
+        order, partners = kl_partners(dataset["prompt_ids"], args.per_device_train_batch_size, seed)
+        with global_then_local_main_first():  # the first process writes the shuffled rows' cache
+            shuffled = dataset.select(order)
+            completions = shuffled["completion_ids"]
+            return shuffled.add_column("KL_completion_ids", [completions[p] for p in partners])
 
 
 @contextlib.contextmanager
@@ -100,9 +102,38 @@ def reference_from_rank_zero(trainer_module):
         trainer_module.prepare_fsdp = trl_prepare
 
 
-def _rotated_completions(batch: dict) -> dict:
-    completions = batch["completion_ids"]
-    return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+def kl_partners(prompts: list[list[int]], batch_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """KTO's mismatched pairs: ``order``, the rows shuffled with ``seed``, and ``partners``, for each position
+    in that order the position whose completion goes with its prompt in the KL term, always one of another
+    prompt. Within a batch of ``batch_size`` positions, the batch's own completions, moved past the largest
+    group of rows sharing a prompt (the set TRL's estimate wants: the batch's completions, other prompts);
+    where one prompt holds over half a batch, its remaining rows draw one from anywhere else, with ``seed``.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    keys = [tuple(prompts[row]) for row in order]
+    if len(set(keys)) < 2:
+        raise ValueError(
+            "KTO's KL term pairs each prompt with a completion of another prompt, but every row has the same "
+            "prompt; add rows of other prompts, or use stage.loss_type=apo_zero_unpaired (no KL term)"
+        )
+    partners = []
+    for start in range(0, len(keys), batch_size):
+        batch = range(start, min(start + batch_size, len(keys)))
+        groups: dict[tuple, list[int]] = {}
+        for position in batch:
+            groups.setdefault(keys[position], []).append(position)
+        grouped = [position for group in groups.values() for position in group]
+        # grouped positions shifted by the largest group's size: no group meets itself unless it is over half
+        shift = max(len(group) for group in groups.values())
+        moved = dict(zip(grouped, grouped[shift:] + grouped[:shift], strict=True))
+        partners += [moved[position] for position in batch]
+    for position, partner in enumerate(partners):
+        while keys[partner] == keys[position]:
+            partner = rng.randrange(len(keys))
+        partners[position] = partner
+    return order, partners
 
 
 def _after_init(trainer: DPOTrainer | KTOTrainer, cpu_fused_lm_head: bool) -> None:

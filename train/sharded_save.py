@@ -114,7 +114,8 @@ def save_full_model(
 def save_adapter(model, output_dir: str | Path, *, is_writer: bool) -> None:
     """Write a peft model's adapters with peft's ``save_pretrained``, gathering only their tensors (LoRA's A
     and B, one at a time, every rank joins): never the frozen base, which FSDP's FULL_STATE_DICT would collect
-    whole on rank 0 first (accelerate's get_state_dict) to keep 0.02% of it."""
+    whole on rank 0 first (accelerate's get_state_dict) to keep 0.02% of it. The base's generation config
+    goes beside them."""
     adapters = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad or "lora_" in name:  # a frozen "ref" adapter (DPO) is saved too
@@ -123,6 +124,8 @@ def save_adapter(model, output_dir: str | Path, *, is_writer: bool) -> None:
                     adapters[name] = tensor.detach().to("cpu", copy=True)
     if is_writer:
         model.save_pretrained(output_dir, state_dict=adapters)
+        # peft writes no generation_config.json; the base's says where generation stops (train.model)
+        model.get_base_model().generation_config.save_pretrained(output_dir)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 

@@ -3,17 +3,17 @@ SFTTrainer for stage=sft (train/preference.py has DPO/KTO), and what every stage
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import torch
+import trl
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from trl import DPOConfig, KTOConfig, SFTConfig, SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from train.checkpoints import CompleteCheckpoints
-from train.config import STAGE_SETTINGS, Config
+from train.config import STAGE_SETTINGS, TRL_CONFIGS, Config, trl_settings
 from train.launch_check import LaunchCheck
 from train.model import build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
@@ -21,16 +21,19 @@ from train.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
 from train.run_dir import CHECKPOINTS_DIR, latest_checkpoint
 from train.state_bytes import StateBytes
 
-_ARGUMENTS = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig}
-
 
 def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> TrainingArguments:
     """``training.*`` (and ``stage.*`` for dpo/kto) mapped by name onto the stage's TRL config:
-    ``SFTConfig``, ``DPOConfig`` or ``KTOConfig`` (which have no packing); precision and device follow
-    ``dtype``. Built before the model: creating it creates accelerate's state (train/placement.py)."""
+    ``SFTConfig``, ``DPOConfig`` or ``KTOConfig`` (which have no packing), the typed settings and those passed
+    through (``train.config.trl_settings``); precision and device follow ``dtype``. Built before the model:
+    creating it creates accelerate's state (train/placement.py)."""
     stage = config.stage.name
-    training = dataclasses.asdict(config.training)
-    for not_trl_config in ("resume_from_checkpoint", "cpu_fused_lm_head", "max_shard_size"):
+    training = trl_settings(config.training)
+    for not_trl_config in (
+        "resume_from_checkpoint",
+        "cpu_fused_lm_head",
+        "max_shard_size",
+    ):
         training.pop(not_trl_config)
     if stage != "sft":
         for sft_only in ("packing", "packing_strategy"):
@@ -42,7 +45,7 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
         # extract_model_from_parallel), DeepSpeed run or not, and deepspeed then warns "Setting accelerator to
         # CPU" when it finds no GPU. This run computes on CPU: say so first. Never over the user's own value.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return _ARGUMENTS[stage](
+    return getattr(trl, TRL_CONFIGS[stage])(
         output_dir=str(run_dir / CHECKPOINTS_DIR),
         run_name=run_dir.name,
         bf16=dtype == torch.bfloat16,
