@@ -6,30 +6,86 @@ from __future__ import annotations
 import json
 import os
 import signal
+import zlib
 
+from train.checkpoints import resume_point, rotate
 from train.outputs import MetricsJsonl, read_metrics
-from train.run_dir import COMPLETE_MARKER, STOP_FILE, STOPPED_FILE, latest_checkpoint
+from train.run_dir import (
+    COMPLETE_MARKER,
+    DAMAGED_SUFFIX,
+    STOP_FILE,
+    STOPPED_FILE,
+    checkpoint_files,
+    file_record,
+    manifest_text,
+    read_manifest,
+)
 
 
 def make_checkpoint(checkpoints, step: int, complete: bool):
     path = checkpoints / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text("{}")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "optimizer.pt").write_bytes(bytes(range(256)) * 8)
     if complete:
-        (path / COMPLETE_MARKER).write_text(f"{step}\n")
+        records = {name: file_record(path / name, checksum=True) for name in checkpoint_files(path)}
+        (path / COMPLETE_MARKER).write_text(manifest_text(step, records))
     return path
 
 
-def test_latest_checkpoint_is_the_newest_complete_one(tmp_path, caplog):
+def test_a_run_resumes_from_its_newest_complete_checkpoint(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    assert latest_checkpoint(checkpoints) is None  # a fresh run
+    assert resume_point(checkpoints, OneProcess()) is None  # a fresh run
     make_checkpoint(checkpoints, 4, complete=True)
     expected = make_checkpoint(checkpoints, 10, complete=True)  # numerically newest, not by name (10 < 8)
     make_checkpoint(checkpoints, 8, complete=True)
     make_checkpoint(checkpoints, 12, complete=False)  # the job died while writing it
     (checkpoints / "checkpoint-notastep").mkdir()
-    assert latest_checkpoint(checkpoints) == expected
-    assert f"skipping {checkpoints / 'checkpoint-12'}: it was not finished" in caplog.text
+    assert resume_point(checkpoints, OneProcess()) == expected
+    legacy = checkpoints / "checkpoint-14"  # marked before markers listed their files: trusted as it is
+    legacy.mkdir()
+    (legacy / COMPLETE_MARKER).write_text("14\n")
+    assert resume_point(checkpoints, OneProcess()) == legacy
+
+
+def test_a_checkpoint_damaged_after_it_was_marked_complete_is_set_aside(tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    older = make_checkpoint(checkpoints, 2, complete=True)
+    newer = make_checkpoint(checkpoints, 4, complete=True)
+    flipped = bytearray((newer / "optimizer.pt").read_bytes())
+    flipped[100] ^= 0xFF  # same size, one byte differs: only the CRC-32 sees it
+    (newer / "optimizer.pt").write_bytes(bytes(flipped))
+    assert resume_point(checkpoints, OneProcess()) == older
+    assert (
+        f"not resuming from {newer}, changed since it was marked complete: optimizer.pt has CRC-32"
+        in caplog.text
+    )
+    assert f"when written); moved to checkpoint-4{DAMAGED_SUFFIX}, trying the one before" in caplog.text
+    assert (checkpoints / f"checkpoint-4{DAMAGED_SUFFIX}").is_dir() and not newer.exists()
+
+    with (older / "trainer_state.json").open("a") as file:  # torn: another size
+        file.write("}")
+    (older / "optimizer.pt").unlink()
+    assert resume_point(checkpoints, OneProcess()) is None
+    assert (
+        "complete: optimizer.pt is missing; trainer_state.json has 19 bytes (18 when written)" in caplog.text
+    )
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints_and_the_best(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        make_checkpoint(checkpoints, step, complete=True)
+    make_checkpoint(checkpoints, 3, complete=False)  # an older unfinished save
+    make_checkpoint(checkpoints, 8, complete=False)  # being written now: never touched
+    rotate(checkpoints, keep=1, best=str(checkpoints / "checkpoint-2"))
+    assert sorted(path.name for path in checkpoints.iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]
+    rotate(checkpoints, keep=None, best=None)  # no limit: every complete one stays
+    assert (checkpoints / "checkpoint-2").is_dir()
 
 
 def test_a_resumed_log_keeps_each_step_once(tmp_path):
@@ -49,7 +105,7 @@ def test_a_resumed_log_keeps_each_step_once(tmp_path):
 class OneProcess:
     """What CompleteCheckpoints asks of accelerate's Accelerator, for one process."""
 
-    num_processes, is_main_process = 1, True
+    num_processes, process_index, is_main_process = 1, 0, True
 
     def wait_for_everyone(self) -> None:
         pass
@@ -70,7 +126,9 @@ def callback(run_dir):
 
 def save(checkpoints, run_dir, args, state, control):
     """What Trainer does on should_save: write checkpoint-<step>, then call on_save."""
-    (run_dir / "checkpoints" / f"checkpoint-{state.global_step}").mkdir(parents=True)
+    path = run_dir / "checkpoints" / f"checkpoint-{state.global_step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text("{}")
     return checkpoints.on_save(args, state, control)
 
 
@@ -84,7 +142,8 @@ def test_sigterm_while_training_checkpoints_at_the_next_step_then_stops(tmp_path
     checkpoints.on_step_end(args, state, control)
     assert control.should_save and control.should_training_stop
     control = save(checkpoints, tmp_path, args, state, control)
-    assert (tmp_path / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).read_text() == "3\n"
+    recorded = read_manifest(tmp_path / "checkpoints" / "checkpoint-3")
+    assert recorded == {"trainer_state.json": [2, f"{zlib.crc32(b'{}'):08x}"]}  # every file: size, CRC-32
     assert (tmp_path / STOPPED_FILE).read_text() == "3 SIGTERM\n"  # the job script requeues on it
     checkpoints.on_train_end(args, state, control)
     assert signal.getsignal(signal.SIGTERM) is before  # after training, SIGTERM is the process's own again

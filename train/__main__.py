@@ -68,6 +68,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
     from data import DataError, load_tokenizer, prepare_from_config
+    from train.checkpoints import CheckpointSpaceError
     from train.model import build_model, compute_dtype
     from train.outputs import LOSS_PLOT_FILE, METRICS_FILE, final_dir, plot_loss, save_resolved_config
     from train.placement import place_processes
@@ -118,10 +119,14 @@ def main(cfg: DictConfig) -> None:
         trainer = build_trainer(config, model, tokenizer, dataset, run_dir, args)
     else:
         trainer = build_preference_trainer(config, model, tokenizer, dataset, run_dir, args, placement)
-    resume = resume_checkpoint(config, run_dir)
+    resume = resume_checkpoint(config, run_dir, trainer)
     if resume:
         log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except CheckpointSpaceError as error:  # a full disk: what it needs and how to go on, no traceback
+        print(f"\nerror: {error}", file=sys.stderr)  # on a line of its own, after the progress bar
+        sys.exit(1)
     if trainer.state.global_step < trainer.state.max_steps:
         # a stop request (SIGTERM, USR1, the stop file; train/checkpoints.py): the checkpoint is the output
         if trainer.is_world_process_zero():

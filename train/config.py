@@ -163,7 +163,8 @@ class TrainingConfig:
     packing_strategy: str = MISSING  # bfd: best-fit decreasing; packed sequences never attend to each other
     logging_steps: int = MISSING
     save_steps: int = MISSING
-    save_total_limit: int | None = None
+    save_total_limit: int | None = None  # complete checkpoints kept; older go once a newer is complete
+    checkpoint_checksums: bool = True  # each checkpoint file's CRC-32 (sizes always), checked at resume
     report_to: list[str] = field(default_factory=list)
     dataloader_num_workers: int = 0
     include_num_input_tokens_seen: str = "non_padding"  # counts tokens, for tokens/s in metrics and sweeps

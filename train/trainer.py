@@ -10,15 +10,16 @@ import torch
 import trl
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from train.checkpoints import CompleteCheckpoints
+from train.checkpoints import CompleteCheckpoints, out_of_space, resume_point, space_error
 from train.config import STAGE_SETTINGS, TRL_CONFIGS, Config, trl_settings
 from train.launch_check import LaunchCheck
 from train.model import build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
 from train.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
-from train.run_dir import CHECKPOINTS_DIR, latest_checkpoint
+from train.run_dir import CHECKPOINTS_DIR
 from train.state_bytes import StateBytes
 
 
@@ -33,8 +34,12 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
         "resume_from_checkpoint",
         "cpu_fused_lm_head",
         "max_shard_size",
+        "checkpoint_checksums",
     ):
         training.pop(not_trl_config)
+    # Trainer would rotate checkpoints before the COMPLETE marker is written (by mtime): a kill in between
+    # could leave no complete one. train/checkpoints.py rotates after the marker, by step, complete ones only.
+    training["save_total_limit"] = None
     if stage != "sft":
         for sft_only in ("packing", "packing_strategy"):
             training.pop(sft_only)
@@ -97,6 +102,16 @@ class ShardedOnCpu(Trainer):
                 return
         super().save_model(output_dir, _internal_call)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """A full disk stops the run with what it needs (train/checkpoints.py), not a torch traceback."""
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if not out_of_space(error, checkpoint.parent):
+                raise
+            raise space_error(checkpoint, error, self.is_world_process_zero()) from error
+
 
 class LlamaSFTTrainer(ShardedOnCpu, SFTTrainer):
     """TRL's SFTTrainer, with the model's own cross-entropy on CPU.
@@ -158,15 +173,19 @@ def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
     trainer.max_shard_size = config.training.max_shard_size  # the final model/ (ShardedOnCpu.save_model)
     trainer.add_callback(ReleaseLoadingMemory())
     trainer.add_callback(LaunchCheck(trainer, config.launch))
-    trainer.add_callback(CompleteCheckpoints(trainer, run_dir))
+    training = config.training
+    trainer.add_callback(
+        CompleteCheckpoints(trainer, run_dir, training.save_total_limit, training.checkpoint_checksums)
+    )
     trainer.add_callback(StateBytes(run_dir))  # state_bytes/rank<k>.json: what each rank holds after step 1
     return trainer
 
 
-def resume_checkpoint(config: Config, run_dir: Path) -> str | None:
-    """``training.resume_from_checkpoint``: a directory, or ``latest`` for this run's newest complete one."""
+def resume_checkpoint(config: Config, run_dir: Path, trainer: Trainer) -> str | None:
+    """``training.resume_from_checkpoint``: a directory, or ``latest``: this run's newest complete one whose
+    files still match what was written (train/checkpoints.py ``resume_point``)."""
     resume = config.training.resume_from_checkpoint
     if resume == "latest":
-        latest = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+        latest = resume_point(run_dir / CHECKPOINTS_DIR, trainer.accelerator)
         return str(latest) if latest else None
     return resume
