@@ -30,15 +30,25 @@ _TEMPLATE = """\
 #!/bin/bash
 # Written by `python -m launch` for the run in {run_dir}; resubmit with: sbatch {script}
 {sbatch}
-set -uo pipefail
-{setup}
 RUN_DIR={run_dir_q}
-PYTHON={python}
 STOP_FILE="$RUN_DIR/{stop_file}"
 STOPPED_FILE="$RUN_DIR/{stopped_file}"
-rm -f "$STOP_FILE" "$STOPPED_FILE"
+# USR1 (--signal=B:USR1 before the time limit, or scancel -b -s USR1) or SIGTERM to this shell: checkpoint at
+# the next step, stop, requeue. Preemption and scancel send SIGTERM to the training processes themselves.
+# Trapped first: Slurm may send USR1 as early as the job starts, and untrapped it ends this shell.
+trap 'echo "$(date -Is) USR1: checkpoint at the next step, then requeue"; touch "$STOP_FILE"' USR1
+trap 'echo "$(date -Is) TERM: checkpoint at the next step, then requeue"; touch "$STOP_FILE"' TERM
+set -uo pipefail
+{setup}
+PYTHON={python}
+rm -f "$STOPPED_FILE"
 # torchrun gives its workers this long after SIGTERM to write their checkpoint, then SIGKILLs them
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{signal_seconds}}}
+
+newest_checkpoint() {{  # the newest checkpoint every rank finished writing, or nothing
+    ls -d "$RUN_DIR"/checkpoints/checkpoint-*/COMPLETE 2>/dev/null | sort -V | tail -n 1 | xargs -r dirname
+}}
+AT_START=$(newest_checkpoint)
 
 # rendezvous: machine 0 is the job's first node, reached at the address Slurm has for it
 MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -46,14 +56,11 @@ MAIN_ADDR=$(scontrol show node "$MAIN_NODE" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*
 MAIN_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 
 echo "$(date -Is) job $SLURM_JOB_ID: {nodes} node(s) ($SLURM_JOB_NODELIST), main $MAIN_ADDR:$MAIN_PORT"
-echo "$(date -Is) restart ${{SLURM_RESTART_COUNT:-0}}: resuming from the latest complete checkpoint, if any"
+echo "$(date -Is) restart ${{SLURM_RESTART_COUNT:-0}}: resuming from ${{AT_START:-step 0 (no checkpoint)}}"
 
-# USR1 (before the time limit, or scancel -b -s USR1) or SIGTERM to this shell: checkpoint at the next
-# step, stop, requeue. Preemption and scancel send SIGTERM to the training processes themselves.
-trap 'echo "$(date -Is) USR1: checkpoint at the next step, then requeue"; touch "$STOP_FILE"' USR1
-trap 'echo "$(date -Is) TERM: checkpoint at the next step, then requeue"; touch "$STOP_FILE"' TERM
-
-# srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): the processes would share one core
+# srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): the processes would share one core.
+# --kill-on-bad-exit: when one node's processes die, the others are ended at once, not left waiting in a
+# collective until the NCCL/gloo timeout
 srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 \\
     bash -c 'exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' "$PYTHON" \\
     {accelerate} \\
@@ -77,6 +84,11 @@ if [[ -e $STOPPED_FILE ]]; then
     exit 1
 fi
 echo "$(date -Is) training exited with status $status"
+NEWEST=$(newest_checkpoint)
+if [[ $status -ne 0 && {requeue_on_failure} == true && -n $NEWEST && $NEWEST != "$AT_START" ]]; then
+    echo "$(date -Is) failed after saving $NEWEST in this start; requeueing job $SLURM_JOB_ID to resume"
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
 exit "$status"
 """
 
@@ -160,6 +172,7 @@ def render_script(config: Config, accelerate: list[str], overrides: list[str], r
         stop_file=STOP_FILE,
         stopped_file=STOPPED_FILE,
         signal_seconds=slurm.signal_seconds,
+        requeue_on_failure=str(slurm.requeue_on_failure).lower(),
         nodes=config.launch.nodes,
         accelerate=shlex.join(accelerate),
         overrides=shlex.join(overrides),

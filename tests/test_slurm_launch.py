@@ -1,13 +1,16 @@
 """`python -m launch launch=slurm`: the rendered sbatch script, and real jobs on the local two-node cluster —
-rendezvous across nodes, USR1 before the time limit (checkpoint, requeue, resume) and `scontrol requeue`."""
+rendezvous across nodes, the time-limit signal and preemption (checkpoint, requeue, resume), and a node's
+processes killed (fail fast, requeue, resume)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -176,35 +179,14 @@ def test_two_node_job_rendezvous_and_trains(uninterrupted):
     assert "training exited with status 0" in log
 
 
-def expect_resumed_run(run_dir: Path, uninterrupted_dir: Path, state: dict) -> None:
+def expect_resumed_run(run_dir: Path, uninterrupted_dir: Path, state: dict, restarts: int = 1) -> None:
     """One continuous log, each step once, with the losses of the run that was never interrupted:
     the resumed run restored the weights, the optimizer and the data order."""
-    assert state["Restarts"] == "1"
+    assert state["Restarts"] == str(restarts)
     resumed, expected = logged_losses(run_dir), logged_losses(uninterrupted_dir)
     assert [step for step, _ in resumed] == list(range(1, 13))
     for (step, loss), (_, reference) in zip(resumed, expected, strict=True):
         assert loss == pytest.approx(reference, abs=1e-4), step
-
-
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_usr1_checkpoints_requeues_and_resumes(slurm, uninterrupted, tmp_path):  # noqa: F811
-    _, env = slurm
-    run_dir = tmp_path / "usr1"
-    job = submit(run_dir, env)
-    metrics = run_dir / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 240, "step 2")
-    signalled = run(["scancel", "-b", "-s", "USR1", job], env)  # what --signal=B:USR1@<s> sends
-    assert signalled.returncode == 0, signalled.stderr
-    log = finished(run_dir, job, state := wait_for_end(job, env))
-    stopped = int(log.split("checkpoint at step ")[1].split(",")[0])
-    assert 2 <= stopped < 12
-    assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{stopped}'}\n" in log
-    assert f"stopped at step {stopped} of 12" in log
-    assert f"stopped (checkpoint-and-stop) with checkpoint-{stopped} complete; requeueing job {job}" in log
-    assert "restart 1: resuming" in log
-    assert not (run_dir / "checkpoint-and-stop").exists()
-    expect_resumed_run(run_dir, uninterrupted[0], state)
 
 
 @pytest.mark.slow
@@ -240,19 +222,72 @@ def test_a_preempted_job_checkpoints_in_its_grace_time_requeues_and_resumes(slur
     expect_resumed_run(run_dir, uninterrupted[0], state)
 
 
+def kill_processes_of(job: str, node_id: int) -> list[int]:
+    """SIGKILL every process of the job's task on one node (its launcher and training processes), as when
+    the node dies or the OOM killer strikes: nothing is flushed, nobody is told."""
+    killed = []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = dict(
+                item.split("=", 1) for item in (process / "environ").read_text().split("\0") if "=" in item
+            )
+        except OSError:
+            continue
+        if environ.get("SLURM_JOB_ID") == job and environ.get("SLURM_NODEID") == str(node_id):
+            if "train" in (process / "cmdline").read_text(errors="replace"):
+                os.kill(int(process.name), signal.SIGKILL)
+                killed.append(int(process.name))
+    return killed
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_scontrol_requeue_mid_run_resumes_from_the_last_complete_checkpoint(slurm, uninterrupted, tmp_path):  # noqa: F811
+def test_a_job_outlives_its_time_limit_and_a_lost_node(slurm, uninterrupted, tmp_path):  # noqa: F811
+    """One job, two things a cluster does to it, each ending in a requeue and a resume:
+
+    1. a real time limit, --time=2 --signal=B:USR1@80: Slurm's timer looks every 30 s and signals up to
+       30 s early, so the batch shell gets USR1 10-40 s into the job: before or early in training, as a
+       25 s first-start setup line (a slow `module load`) delays it. The run checkpoints at its next step
+       and the script requeues it. The limit is then raised, so the rest fits in one start.
+    2. no signal at all: after the resumed start's next periodic checkpoint the second node's processes
+       are SIGKILLed; srun ends the first node's at once (--kill-on-bad-exit: gloo's or NCCL's timeout
+       would be 30 minutes) and the script, seeing a failure after a checkpoint this start saved, requeues.
+    The third start finishes with the losses of the job that was never interrupted, each step once."""
     _, env = slurm
-    run_dir = tmp_path / "requeue"
-    job = submit(run_dir, env)
-    complete = run_dir / "checkpoints" / "checkpoint-4" / "COMPLETE"
-    wait_for(complete.is_file, 240, "checkpoint-4")
-    requeued = run(["scontrol", "requeue", job], env)  # the job is killed now, mid-run, and queued again
-    assert requeued.returncode == 0, requeued.stderr
-    state = wait_for_end(job, env)
-    finished(run_dir, job, state)
-    expect_resumed_run(run_dir, uninterrupted[0], state)
+    run_dir = tmp_path / "time-limit"
+    checkpoints = run_dir / "checkpoints"
+    limit = ["launch.slurm.time=2", "launch.slurm.signal_seconds=80",
+             f"launch.slurm.setup=['test -d {checkpoints} || sleep 25']"]  # fmt: skip
+    job = submit(run_dir, env, *limit)
+    assert "#SBATCH --time=2\n#SBATCH --signal=B:USR1@80\n" in (run_dir / "slurm-job.sh").read_text()
+    out = run_dir / f"slurm-{job}.out"
+    wait_for(lambda: out.is_file() and "; requeueing job" in out.read_text(), 240, "the time-limit signal")
+    raised = run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env)
+    assert raised.returncode == 0, raised.stderr
+    log = out.read_text()
+    assert "USR1: checkpoint at the next step, then requeue" in log
+    stopped = int(log.split("stop requested (checkpoint-and-stop): checkpoint at step ")[1].split(",")[0])
+    assert 1 <= stopped < 12
+    assert f"stopped (checkpoint-and-stop) with checkpoint-{stopped} complete; requeueing job {job}" in log
+
+    periodic = checkpoints / f"checkpoint-{(stopped // 4 + 1) * 4}"  # save_steps=4
+    assert periodic.name != "checkpoint-12", "stopped too late for a periodic checkpoint before the end"
+    wait_for((periodic / "COMPLETE").is_file, 240, periodic.name)
+    assert kill_processes_of(job, node_id=1)
+    killed_at = time.monotonic()
+    wait_for(lambda: out.read_text().count("; requeueing job") == 2, 60, "the failed job to be requeued")
+    assert time.monotonic() - killed_at < 30
+
+    log = finished(run_dir, job, state := wait_for_end(job, env))
+    assert f"restart 1: resuming from {checkpoints / f'checkpoint-{stopped}'}\n" in log
+    saved = log.split("failed after saving ")[1].split()[0]
+    assert saved in (str(periodic), str(checkpoints / f"checkpoint-{int(periodic.name[11:]) + 4}")), log[
+        -3000:
+    ]
+    assert f"in this start; requeueing job {job} to resume" in log
+    assert f"restart 2: resuming from {saved}\n" in log
+    assert not (run_dir / "checkpoint-and-stop").exists()
+    expect_resumed_run(run_dir, uninterrupted[0], state, restarts=2)
 
 
 @pytest.mark.slow

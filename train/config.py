@@ -122,6 +122,9 @@ class SlurmConfig:
     sbatch_extra: list[str] = field(default_factory=list)  # more `#SBATCH` options, e.g. "--exclusive"
     setup: list[str] = field(default_factory=list)  # shell lines run first: module load, env vars
     python: str | None = None  # the interpreter on the nodes; None: the one that ran `python -m launch`
+    # a crash (a node's processes killed, a lost node) after this start saved a newer complete checkpoint:
+    # requeue, and go on from it; a crash without progress is left to a person
+    requeue_on_failure: bool = MISSING
 
 
 @dataclass
