@@ -185,7 +185,8 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(ddp_run, tmp_p
 def test_deepspeed_zero_trains_like_ddp(ddp_run, shared_launch, stage):
     """DeepSpeed runs on CPU here (gloo, its own CPU accelerator); the first use JIT-builds its comm op,
     and offload's first use its CPU Adam (~90 s each, cached under ~/.cache/torch_extensions)."""
-    run_dir, log = shared_launch(stage)  # zero3's run is also read by test_state_bytes
+    # zero3's run (its checkpoints too) is also read by test_zero3_checkpoint_resumes and test_state_bytes
+    run_dir, log = shared_launch(stage, *(["training.save_steps=2"] if stage == "zero3" else []))
     zero, offload = stage.split("_offload")[0][-1], "cpu" if stage.endswith("offload") else "none"
     assert (
         f"launch={stage}: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, "
@@ -199,20 +200,26 @@ def test_deepspeed_zero_trains_like_ddp(ddp_run, shared_launch, stage):
 
 
 @pytest.mark.slow
-def test_zero3_checkpoint_resumes_where_it_stopped(tmp_path):
-    """Sharded ZeRO-3 checkpoints: resuming from step 4 of 6 reproduces steps 5 and 6 exactly."""
-    resume = ["training.max_steps=6", "training.save_steps=2"]
-    run_dir, _ = launched(tmp_path, "zero3", *resume)
-    uninterrupted = losses(run_dir)
-    # as if the job died while writing step 6's checkpoint: every rank's part is there but the marker
-    (run_dir / "checkpoints" / "checkpoint-6" / "COMPLETE").unlink()
-    _, log = launched(tmp_path, "zero3", *resume, "training.resume_from_checkpoint=latest")
-    assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-4'}\n" in log  # not from the unfinished 6
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    resumed = [(row["step"], row["loss"]) for row in rows if "loss" in row]
-    assert [step for step, _ in resumed] == [1, 2, 3, 4, 5, 6]  # one log, steps 5 and 6 from the resumed run
-    for step, loss in resumed:
-        assert loss == pytest.approx(uninterrupted[step], abs=1e-5), step
+def test_zero3_checkpoint_resumes_where_it_stopped(shared_launch, tmp_path):
+    """Sharded ZeRO-3 checkpoints (every rank its partition of the weights and optimizer states): resuming
+    from step 2 of 4 in a fresh run directory reproduces steps 3 and 4 exactly. (A checkpoint killed
+    while it was written, in every way, is test_faults.py's.)"""
+    run_dir, _ = shared_launch("zero3", "training.save_steps=2")
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    states = sorted(path.name for path in (checkpoint / "global_step2").glob("*_optim_states.pt"))
+    assert states == [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]  # one per rank
+    (tmp_path / "resumed").mkdir()
+    resumed_dir, log = launched(
+        tmp_path / "resumed",
+        "zero3",
+        "training.save_steps=2",
+        f"training.resume_from_checkpoint={checkpoint}",
+    )
+    assert f"resuming from {checkpoint}\n" in log
+    resumed, uninterrupted = losses(resumed_dir), losses(run_dir)
+    assert list(resumed) == [3, 4]  # it went on from step 2, not from the start
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
 
 
 @pytest.fixture(scope="module")
@@ -370,18 +377,18 @@ def test_launching_imports_neither_torch_nor_transformers():
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_the_same_command_resumes_step_for_step(tmp_path):
+def test_sigterm_checkpoints_and_the_same_command_resumes_step_for_step(ddp_run, tmp_path):
     """SIGTERM to the launcher's process group mid-run, as `kill -- -<pgid>` or a scheduler sends it:
     torchrun passes it on, every rank stops after the same step with a complete checkpoint, and the
-    same command goes on from it. With dropout on (it moves step 3's loss by ~6e-4 here) the losses
-    equal an uninterrupted run's step for step: each rank's RNG, the data order and the optimizer
-    state came back; each step is logged once."""
-    dropout = ["method.lora_dropout=0.3", "training.save_steps=100"]  # the last override wins
-    reference, _ = launched(tmp_path, "ddp", *dropout)  # 4 steps, never stopped
+    same command goes on from it, with the losses of the DDP run that was never stopped, step for step,
+    each logged once. (With dropout on, so that every rank's RNG must come back too: the Slurm jobs of
+    test_slurm_launch.py, stopped by preemption, a time limit and a lost node.)"""
+    reference = ddp_run[0]  # 4 steps, never stopped
+    only_the_stop = ["training.save_steps=100"]  # no periodic checkpoint: the stop writes the one
     run_dir = tmp_path / "stopped"
     command = [
         sys.executable, "-m", "launch", "launch=ddp", "launch.num_processes=2", "launch.run=true",
-        f"hydra.run.dir={run_dir}", "training.per_device_train_batch_size=1", *SHORT, *dropout,
+        f"hydra.run.dir={run_dir}", "training.per_device_train_batch_size=1", *SHORT, *only_the_stop,
     ]  # fmt: skip
     log = tmp_path / "stopped.log"
     with log.open("w") as file:
