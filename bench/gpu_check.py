@@ -89,6 +89,7 @@ def run_overrides(method: str, args: argparse.Namespace, on_gpu: bool) -> list[s
         "training.packing=true",
         "training.logging_steps=1",
         "training.report_to=[]",
+        "data.eval_split=0",  # training memory and speed are measured, not the held-out eval
     ]
 
 

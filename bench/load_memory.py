@@ -42,6 +42,7 @@ ARCHITECTURE = [
     "model.initializer_range=0.02",
 ]
 RUN = [
+    "data.eval_split=0",  # loading and the first steps are measured, not the held-out eval
     "method=lora",
     "training.max_steps=1",
     "training.max_length=64",

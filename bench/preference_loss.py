@@ -31,7 +31,7 @@ def trainer_for(overrides: list[str], fused: bool, tokenizer):
         [*overrides, "training.report_to=[]", f"training.cpu_fused_lm_head={str(fused).lower()}"]
     )
     config = load_config(cfg)
-    dataset, _ = prepare_from_config(
+    dataset, _, _ = prepare_from_config(
         config.data, tokenizer, max_length=config.training.max_length, objective=config.stage.name
     )
     dtype = compute_dtype(config.model.dtype)

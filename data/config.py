@@ -28,6 +28,12 @@ class DataConfig:
     cache_dir: str | None = None  # prepared datasets; None: $XDG_CACHE_HOME/llama31-finetune/datasets
     pairs_per_prompt: int | None = None  # dpo/kto on OpenAssistant trees: pairs per prompt (None: all)
     min_rank_gap: int = 1  # dpo/kto on OpenAssistant trees: replies this many ranks apart make a pair
+    # held-out rows for evaluation: a fraction (0.05) or a count (20) of the source's conversation groups
+    # (data.eval_split: every conversation or pair that opens with the same user message is one group, so
+    # an OpenAssistant tree is held out whole), chosen with training.seed; or a file of its own (eval_path)
+    eval_split: float = 0.0
+    eval_path: str | None = None
+    eval_format: str | None = None  # eval_path's format; None: data.format
 
 
 def sample_path(name: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_from_disk
 
+from data import held_out
 from data.cache import atomic_directory, cache_entry
 from data.preference import load_preferences, unpaired
 from data.readers import DataError, ReadResult, checked_file, load_conversations
@@ -41,20 +42,42 @@ SUMMARY_FILE = "summary.json"
 log = logging.getLogger(__name__)
 
 
-def prepare_from_config(data, tokenizer, *, max_length: int, objective: str = "sft"):
-    """The prepared dataset and its summary for a ``data`` config node (``data.config.DataConfig``):
-    chats for ``objective="sft"`` (``prepare_dataset``), preference rows for ``dpo``/``kto``
-    (``prepare_preferences``)."""
-    if objective == "sft":
-        return prepare_dataset(
-            data.path, data.format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
-            threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
+def prepare_from_config(data, tokenizer, *, max_length: int, objective: str = "sft", seed: int = 0):
+    """The prepared training rows, the evaluation rows (None without ``data.eval_split``/``eval_path``) and
+    the summary, for a ``data`` config node (``data.config.DataConfig``): chats for ``objective="sft"``
+    (``prepare_dataset``), preference rows for ``dpo``/``kto`` (``prepare_preferences``). Held-out rows are
+    split by conversation group with ``seed`` (``data.held_out``); an ``eval_path`` is prepared as the
+    training source is, in its own format (``eval_format``, default ``format``), and cached the same way."""
+    if data.eval_split and data.eval_path:
+        raise DataError(
+            "two eval sets",
+            "data.eval_split and data.eval_path are both set: hold out a part, or name a file",
+        )
+
+    def prepared(path, format, with_groups=False):
+        if objective == "sft":
+            return prepare_dataset(
+                path, format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
+                threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
+                with_groups=with_groups,
+            )  # fmt: skip
+        return prepare_preferences(
+            path, format, tokenizer, objective=objective, max_length=max_length,
+            overflow=data.overflow, lang=data.lang, pairs_per_prompt=data.pairs_per_prompt,
+            min_rank_gap=data.min_rank_gap, strict=data.strict, cache_dir=data.cache_dir,
+            with_groups=with_groups,
         )  # fmt: skip
-    return prepare_preferences(
-        data.path, data.format, tokenizer, objective=objective, max_length=max_length,
-        overflow=data.overflow, lang=data.lang, pairs_per_prompt=data.pairs_per_prompt,
-        min_rank_gap=data.min_rank_gap, strict=data.strict, cache_dir=data.cache_dir,
-    )  # fmt: skip
+
+    if data.eval_path:
+        evaluated, eval_summary = prepared(data.eval_path, data.eval_format or data.format)
+        dataset, summary = prepared(data.path, data.format)
+        summary.held_out = f"evaluation: {eval_summary.source}, {len(evaluated)} rows"
+        return dataset, evaluated, summary
+    dataset, summary = prepared(data.path, data.format, with_groups=bool(data.eval_split))
+    if not data.eval_split:
+        return dataset, None, summary
+    dataset, evaluated, summary.held_out = held_out.split(dataset, data.eval_split, seed, str(data.path))
+    return dataset, evaluated, summary
 
 
 def prepare_dataset(
@@ -69,8 +92,10 @@ def prepare_dataset(
     strict: bool = False,
     num_proc: int = 1,
     cache_dir: str | os.PathLike | None = None,
+    with_groups: bool = False,
 ) -> tuple[Dataset, PrepareSummary]:
-    """Chats as ``input_ids`` + ``assistant_masks``: loaded from the cache, or read, encoded, saved there."""
+    """Chats as ``input_ids`` + ``assistant_masks``: loaded from the cache, or read, encoded, saved there.
+    ``with_groups``: with the ``group`` column too (``data.held_out``; it is in the cache either way)."""
     check_settings(overflow)
     settings = {
         "format": format, "lang": lang, "threads": threads, "strict": strict, "max_length": max_length,
@@ -78,13 +103,15 @@ def prepare_dataset(
     }  # fmt: skip
     checked_file(Path(path))
     target = cache_entry(Path(path), tokenizer, settings, cache_dir)
-    if cached := _from_cache(target, PrepareSummary, path):
-        return cached
-    source = load_conversations(path, format, lang=lang, threads=threads, strict=strict)
-    dataset, summary = encode_conversations(
-        source.conversations, tokenizer, max_length=max_length, overflow=overflow, num_proc=num_proc
-    )
-    return _saved(target, path, source, dataset, summary, rows="conversation")
+    if not (cached := _from_cache(target, PrepareSummary, path)):
+        source = load_conversations(path, format, lang=lang, threads=threads, strict=strict)
+        groups = [held_out.group_of(conversation) for conversation in source.conversations]
+        dataset, summary = encode_conversations(
+            source.conversations, tokenizer, max_length=max_length, overflow=overflow, num_proc=num_proc,
+            groups=groups,
+        )  # fmt: skip
+        cached = _saved(target, path, source, dataset, summary, rows="conversation")
+    return _groups_kept(*cached, with_groups)
 
 
 def prepare_preferences(
@@ -100,6 +127,7 @@ def prepare_preferences(
     min_rank_gap: int = 1,
     strict: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    with_groups: bool = False,
 ) -> tuple[Dataset, PreferenceSummary]:
     """Preference rows (``data.rows``): loaded from the cache, or read, encoded and saved there.
 
@@ -120,17 +148,28 @@ def prepare_preferences(
     }  # fmt: skip
     checked_file(Path(path))
     target = cache_entry(Path(path), tokenizer, settings, cache_dir, kind=objective)
-    if cached := _from_cache(target, PreferenceSummary, path):
-        return cached
-    source = load_preferences(
-        path, format, lang=lang, pairs_per_prompt=pairs_per_prompt, min_rank_gap=min_rank_gap, strict=strict
-    )
-    if objective == "kto":
-        source = unpaired(source)
-    dataset, summary = encode_preference_records(
-        source.records, tokenizer, objective=objective, max_length=max_length, overflow=overflow
-    )
-    return _saved(target, path, source, dataset, summary, rows="preference record")
+    if not (cached := _from_cache(target, PreferenceSummary, path)):
+        source = load_preferences(
+            path,
+            format,
+            lang=lang,
+            pairs_per_prompt=pairs_per_prompt,
+            min_rank_gap=min_rank_gap,
+            strict=strict,
+        )
+        if objective == "kto":
+            source = unpaired(source)
+        groups = [held_out.group_of(record["prompt"]) for record in source.records]
+        dataset, summary = encode_preference_records(
+            source.records, tokenizer, objective=objective, max_length=max_length, overflow=overflow,
+            groups=groups,
+        )  # fmt: skip
+        cached = _saved(target, path, source, dataset, summary, rows="preference record")
+    return _groups_kept(*cached, with_groups)
+
+
+def _groups_kept(dataset: Dataset, summary, with_groups: bool):
+    return (dataset if with_groups else dataset.remove_columns(held_out.GROUP)), summary
 
 
 # ── the cache entry: rows and summary ────────────────────────────────────────────────
@@ -177,9 +216,10 @@ def main(argv: list[str]) -> int:
     try:
         data = OmegaConf.to_object(cfg.data)
         tokenizer = load_tokenizer(model.get("tokenizer_path") or model.get("path"))
-        _, summary = prepare_from_config(
-            data, tokenizer, max_length=cfg.training.max_length, objective=cfg.stage.name
-        )
+        _, _, summary = prepare_from_config(
+            data, tokenizer, max_length=cfg.training.max_length, objective=cfg.stage.name,
+            seed=cfg.training.seed,
+        )  # fmt: skip
     except (DataError, MissingMandatoryValue) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ import pyarrow as pa
 from datasets import Dataset
 
 from data.chat import encode_chats
+from data.held_out import GROUP
 from data.readers import DataError
 from data.summary import PreferenceSummary, PrepareSummary, length_histogram
 
@@ -42,8 +43,8 @@ OVERFLOW_POLICIES = ("truncate", "drop")
 OBJECTIVES = ("dpo", "kto")  # the preference objectives; sft trains on chats
 # Part of each prepared dataset's cache key: bumped whenever the readers, encode_chat or the rows written
 # here change (chats: ENCODER_VERSION; preference rows: PREFERENCE_VERSION), so stale caches are not reused.
-ENCODER_VERSION = "3"
-PREFERENCE_VERSION = "1"
+ENCODER_VERSION = "4"  # 4: the group column (data.held_out)
+PREFERENCE_VERSION = "2"  # 2: the group column
 _CHUNK = 1024  # preference records encoded per batched call into the tokenizer
 
 
@@ -69,19 +70,22 @@ def encode_conversations(
     max_length: int,
     overflow: str = "truncate",
     num_proc: int = 1,
+    groups: list[int] | None = None,
 ) -> tuple[Dataset, PrepareSummary]:
     """Encode conversations into ``input_ids`` + ``assistant_masks``; cut or drop those over ``max_length``.
 
     A cut that would leave no assistant token to learn drops the conversation (counted),
-    never keeps a row that only costs compute.
+    never keeps a row that only costs compute. ``groups`` (one per conversation, ``data.held_out``)
+    become a ``group`` column, for a held-out split of the rows kept.
     """
     check_settings(overflow)
     texts = [json.dumps(c, ensure_ascii=False) for c in conversations]
     # Our own fingerprint: datasets would otherwise pickle and hash the whole tokenizer.
-    fingerprint = hashlib.sha256(f"{ENCODER_VERSION} {max_length} {overflow}".encode())
+    fingerprint = hashlib.sha256(f"{ENCODER_VERSION} {max_length} {overflow} {groups is not None}".encode())
     for text in texts:
         fingerprint.update(text.encode())
-    encoded = Dataset.from_dict({"conversation": texts}).with_format("arrow")
+    columns = {"conversation": texts, **({GROUP: groups} if groups is not None else {})}
+    encoded = Dataset.from_dict(columns).with_format("arrow")
     encoded = encoded.map(
         _encode_batch,
         batched=True,
@@ -130,16 +134,17 @@ def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) ->
         masks_flat += masks
         offsets.append(len(ids_flat))
     offsets = pa.array(offsets, pa.int32())
-    return pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids_flat, pa.int32())),
-            "assistant_masks": pa.ListArray.from_arrays(offsets, pa.array(masks_flat, pa.int8())),
-            "full_length": pa.array(full_length, pa.int32()),
-            "length": pa.array(length, pa.int32()),
-            "trainable": pa.array(trainable, pa.int32()),
-            "status": pa.array(status, pa.string()),
-        }
-    )
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids_flat, pa.int32())),
+        "assistant_masks": pa.ListArray.from_arrays(offsets, pa.array(masks_flat, pa.int8())),
+        "full_length": pa.array(full_length, pa.int32()),
+        "length": pa.array(length, pa.int32()),
+        "trainable": pa.array(trainable, pa.int32()),
+        "status": pa.array(status, pa.string()),
+    }
+    if GROUP in batch.column_names:  # a returned table replaces the batch: carry the groups over
+        columns[GROUP] = batch.column(GROUP)
+    return pa.table(columns)
 
 
 # ── one preference record → token ids ────────────────────────────────────────────────
@@ -184,17 +189,25 @@ def _split(encoded: dict[str, list[int]]) -> tuple[list[int], list[int]]:
 
 # ── preference records → dataset ─────────────────────────────────────────────────────
 def encode_preference_records(
-    records: Sequence[Mapping], tokenizer, *, objective: str, max_length: int, overflow: str = "truncate"
+    records: Sequence[Mapping],
+    tokenizer,
+    *,
+    objective: str,
+    max_length: int,
+    overflow: str = "truncate",
+    groups: list[int] | None = None,
 ) -> tuple[Dataset, PreferenceSummary]:
-    """Encode records into the rows of ``objective`` (see the module); cut or drop rows over max_length."""
+    """Encode records into the rows of ``objective`` (see the module); cut or drop rows over max_length.
+    ``groups`` (one per record, ``data.held_out``) become a ``group`` column of the rows kept."""
     check_settings(overflow, objective)
     completions = ("chosen", "rejected") if objective == "dpo" else ("completion",)
     if records and completions[0] not in records[0]:
         raise ValueError(f"{objective} needs records with {', '.join(completions)}; unpair pairs for kto")
     columns: dict[str, list] = {"prompt_ids": [], **{f"{name}_ids": [] for name in completions}, "label": []}
+    kept_groups = []
     summary, dropped, full_lengths = PreferenceSummary(source="", objective=objective), Counter(), []
     for start in range(0, len(records), _CHUNK):
-        for row in encode_preferences(records[start : start + _CHUNK], tokenizer):
+        for offset, row in enumerate(encode_preferences(records[start : start + _CHUNK], tokenizer)):
             prompt, ids = row["prompt_ids"], [row[f"{name}_ids"] for name in completions]
             longest = len(prompt) + max(map(len, ids))
             full_lengths.append(longest)
@@ -209,6 +222,8 @@ def encode_preference_records(
             for name, completion in zip(completions, ids, strict=True):
                 columns[f"{name}_ids"].append(completion)
             columns["label"].append(row.get("label"))
+            if groups is not None:
+                kept_groups.append(groups[start + offset])
             summary.prompt_tokens += len(prompt)
             summary.completion_tokens += sum(map(len, ids))
     summary.rows = len(columns["prompt_ids"])
@@ -220,6 +235,8 @@ def encode_preference_records(
     }
     if objective == "kto":
         table["label"] = pa.array(columns["label"], pa.bool_())
+    if groups is not None:
+        table[GROUP] = pa.array(kept_groups, pa.int64())
     return Dataset(pa.table(table)), summary
 
 

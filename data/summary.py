@@ -23,6 +23,7 @@ class PrepareSummary:
     examples: list[str] = field(default_factory=list)
     length_histogram: dict[str, int] = field(default_factory=dict)
     path: str = ""
+    held_out: str = ""  # what evaluates the run, when something does (data.prepare_from_config)
 
     def __str__(self) -> str:
         lines = [
@@ -49,6 +50,7 @@ class PreferenceSummary:
     examples: list[str] = field(default_factory=list)
     length_histogram: dict[str, int] = field(default_factory=dict)  # longest sequence of each row
     path: str = ""
+    held_out: str = ""  # what evaluates the run, when something does (data.prepare_from_config)
 
     def __str__(self) -> str:
         kind = "pairs" if self.objective == "dpo" else "completions"
@@ -75,6 +77,8 @@ def summary_details(summary: PrepareSummary | PreferenceSummary, lengths: str) -
     ]
     if summary.path:
         lines.append(f"  saved in {summary.path}")
+    if summary.held_out:
+        lines.append(f"  {summary.held_out}")
     return lines
 
 

@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_train
+from conftest import NO_EVAL, run_train
 
 KILL_DURING_SAVE = Path(__file__).parent / "faults" / "kill_during_save.py"
 RUN = [
     "training.max_steps=8", "training.save_steps=2", "training.save_total_limit=2",
     "training.logging_steps=1", "training.report_to=[]", "training.resume_from_checkpoint=latest",
     "training.per_device_train_batch_size=1", "training.max_length=256",  # short steps: the saves matter here
+    NO_EVAL,
 ]  # fmt: skip
 
 

@@ -13,18 +13,26 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, run_train
+from conftest import NO_EVAL, REPO, run_train
 from safetensors.torch import load_file
 
 from launch.__main__ import free_port, train_overrides
 
 SHORT = [
+    NO_EVAL,
     "training.max_steps=4",
     "training.report_to=[]",
     "method.lora_dropout=0.0",
     "training.logging_steps=1",
 ]
 RESUME_LATEST = "training.resume_from_checkpoint=latest"
+# the shared FSDP and ZeRO-3 runs (also read by test_state_bytes): checkpoints every 2 steps, and an eval set
+# of its own (data.eval_path: the training rows stay DDP's), so evaluation is proven under FSDP and ZeRO-3
+SHARDED_RUN = (
+    "training.save_steps=2",
+    f"data.eval_path={REPO / 'data' / 'samples' / 'oasst_top1_sample.jsonl'}",
+    "data.eval_format=oasst_top1",
+)
 
 
 def launch(*overrides: str, cwd, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -141,9 +149,14 @@ def test_a_launch_started_without_its_processes_is_refused(tmp_path):
     assert "asks for 2 process(es) with MULTI_GPU or MULTI_CPU" in result.stderr
 
 
-def losses(run_dir) -> dict[int, float]:
+def losses(run_dir, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+    return {row["step"]: row[key] for row in rows if key in row}
+
+
+def eval_losses(run_dir) -> dict[int, float]:
+    """The held-out eval loss by step (data.eval_split)."""
+    return losses(run_dir, "eval_loss")
 
 
 def launched(tmp_path, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, str]:
@@ -186,7 +199,7 @@ def test_deepspeed_zero_trains_like_ddp(ddp_run, shared_launch, stage):
     """DeepSpeed runs on CPU here (gloo, its own CPU accelerator); the first use JIT-builds its comm op,
     and offload's first use its CPU Adam (~90 s each, cached under ~/.cache/torch_extensions)."""
     # zero3's run (its checkpoints too) is also read by test_zero3_checkpoint_resumes and test_state_bytes
-    run_dir, log = shared_launch(stage, *(["training.save_steps=2"] if stage == "zero3" else []))
+    run_dir, log = shared_launch(stage, *(SHARDED_RUN if stage == "zero3" else ()))
     zero, offload = stage.split("_offload")[0][-1], "cpu" if stage.endswith("offload") else "none"
     assert (
         f"launch={stage}: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, "
@@ -194,6 +207,7 @@ def test_deepspeed_zero_trains_like_ddp(ddp_run, shared_launch, stage):
     )
     expected = losses(ddp_run[0])
     assert list(losses(run_dir)) == list(expected) == [1, 2, 3, 4]
+    assert list(eval_losses(run_dir)) == [4]  # data.eval_path, evaluated under FSDP at the end
     for step, loss in losses(run_dir).items():
         assert loss == pytest.approx(expected[step], abs=1e-4), step
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -202,9 +216,9 @@ def test_deepspeed_zero_trains_like_ddp(ddp_run, shared_launch, stage):
 @pytest.mark.slow
 def test_zero3_checkpoint_resumes_where_it_stopped(shared_launch, tmp_path):
     """Sharded ZeRO-3 checkpoints (every rank its partition of the weights and optimizer states): resuming
-    from step 2 of 4 in a fresh run directory reproduces steps 3 and 4 exactly. (A checkpoint killed
-    while it was written, in every way, is test_faults.py's.)"""
-    run_dir, _ = shared_launch("zero3", "training.save_steps=2")
+    from step 2 of 4 in a fresh run directory reproduces steps 3 and 4 exactly, and the held-out eval loss
+    at the end. (A checkpoint killed while it was written, in every way, is test_faults.py's.)"""
+    run_dir, _ = shared_launch("zero3", *SHARDED_RUN)
     checkpoint = run_dir / "checkpoints" / "checkpoint-2"
     states = sorted(path.name for path in (checkpoint / "global_step2").glob("*_optim_states.pt"))
     assert states == [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]  # one per rank
@@ -212,7 +226,7 @@ def test_zero3_checkpoint_resumes_where_it_stopped(shared_launch, tmp_path):
     resumed_dir, log = launched(
         tmp_path / "resumed",
         "zero3",
-        "training.save_steps=2",
+        *SHARDED_RUN,
         f"training.resume_from_checkpoint={checkpoint}",
     )
     assert f"resuming from {checkpoint}\n" in log
@@ -220,11 +234,13 @@ def test_zero3_checkpoint_resumes_where_it_stopped(shared_launch, tmp_path):
     assert list(resumed) == [3, 4]  # it went on from step 2, not from the start
     for step in (3, 4):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
+    assert eval_losses(resumed_dir) == pytest.approx(eval_losses(run_dir), abs=1e-5)  # {4: ...}, under ZeRO-3
+    assert list(eval_losses(resumed_dir)) == [4]
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(shared_launch):
-    return shared_launch("fsdp", "training.save_steps=2")  # also read by test_state_bytes
+    return shared_launch("fsdp", *SHARDED_RUN)  # also read by test_state_bytes
 
 
 @pytest.mark.slow
@@ -418,15 +434,16 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_step_for_step(ddp_run,
 
 @pytest.mark.slow
 def test_multirun_sweep_writes_each_point_and_a_summary(tmp_path):
-    grid = ["-m", "method=lora,full", "training.max_steps=2", "training.report_to=[]"]
-    result = run_train(*grid, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    grid = ["-m", "method=full,lora", "training.max_steps=2", "training.report_to=[]"]
+    result = run_train(*grid, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path, evaluate=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "0" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "1" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "0" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "1" / "adapter" / "adapter_model.safetensors").is_file()
     with (tmp_path / "sweep.csv").open() as file:
         rows = list(csv.DictReader(file))
-    assert [row["overrides"].split()[0] for row in rows] == ["method=lora", "method=full"]
+    assert [row["overrides"].split()[0] for row in rows] == ["method=full", "method=lora"]
     for point, row in enumerate(rows):
         assert row["run_dir"] == str(tmp_path / str(point)) and row["status"] == "finished"
         assert float(row["final_loss"]) > 0 and float(row["tokens_per_second"]) > 0
-        assert float(row["peak_memory_gb"]) > 0.1
+        assert float(row["eval_loss"]) == eval_losses(tmp_path / str(point))[2]  # held out, at the end
+        assert float(row["peak_memory_gb"]) > 0.1  # each point's own: test_run_files' reset_peak_memory test

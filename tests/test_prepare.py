@@ -190,3 +190,81 @@ def test_data_imports_nothing_from_train():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.split() == []
+
+
+# ── held-out rows for evaluation (data.eval_split, data.eval_path) ─────────────────────
+TREES = REPO / "data" / "samples" / "oasst_trees_sample.jsonl"
+EOT_ID = 128009
+
+
+def data_config(tmp_path, **settings):
+    from data.config import DataConfig
+
+    defaults = {
+        "name": "test",
+        "path": str(SAMPLE),
+        "format": "messages",
+        "num_proc": 1,
+        "cache_dir": str(tmp_path),
+    }
+    return DataConfig(**{**defaults, **settings})
+
+
+def first_turns(dataset) -> set[tuple[int, ...]]:
+    """Each row's tokens up to the end of its first user turn (after the template's system turn): the root
+    prompt, shared by a tree's threads."""
+    return {tuple(ids[: ids.index(EOT_ID, ids.index(EOT_ID) + 1) + 1]) for ids in dataset["input_ids"]}
+
+
+def test_a_held_out_tree_is_held_out_whole_and_the_split_follows_the_seed(tmp_path, tokenizer):
+    """Every root-to-leaf thread of the sample's trees (threads=all; 4 of its 5 are kept): 2 trees go to
+    evaluation, each with all its threads, none of which is trained on; the same seed picks the same trees."""
+    from data import prepare_from_config
+
+    config = data_config(tmp_path, path=str(TREES), format="oasst_trees", threads="all", eval_split=2)
+    train, evaluated, summary = prepare_from_config(config, tokenizer, max_length=2048, seed=1)
+    everything, _ = prepare_dataset(
+        TREES, "oasst_trees", tokenizer, max_length=2048, threads="all", cache_dir=tmp_path
+    )
+    assert len(first_turns(everything)) == 4 and len(everything) > 4  # several threads per tree
+    assert len(first_turns(evaluated)) == 2 and not first_turns(evaluated) & first_turns(train)
+    assert len(train) + len(evaluated) == len(everything)
+    assert f"held out for evaluation: {len(evaluated)} of {len(everything)} rows, 2 of 4 groups" in str(
+        summary
+    )
+    assert train.column_names == evaluated.column_names == ["input_ids", "assistant_masks"]
+    again = prepare_from_config(config, tokenizer, max_length=2048, seed=1)[1]
+    assert again["input_ids"] == evaluated["input_ids"]  # from the cache, the same split
+    others = [
+        first_turns(prepare_from_config(config, tokenizer, max_length=2048, seed=s)[1]) for s in range(2, 6)
+    ]
+    assert any(turns != first_turns(evaluated) for turns in others)  # the seed chooses
+
+
+def test_a_fraction_of_flat_records_and_an_eval_file_of_its_own(tmp_path, tokenizer):
+    from data import prepare_from_config
+
+    train, evaluated, _ = prepare_from_config(
+        data_config(tmp_path, eval_split=0.05), tokenizer, max_length=512
+    )
+    assert (len(train), len(evaluated)) == (120, 6)  # 5% of the 126 sample conversations
+    guanaco = REPO / "data" / "samples" / "guanaco_sample.jsonl"
+    config = data_config(tmp_path, eval_path=str(guanaco), eval_format="guanaco")
+    train, evaluated, summary = prepare_from_config(config, tokenizer, max_length=512)
+    assert (len(train), len(evaluated)) == (126, 11)  # all of the training file; the other file to evaluate
+    assert f"evaluation: {guanaco}, 11 rows" in str(summary)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"eval_split": 126}, "data.eval_split=126 holds out 126 of the 126 conversation groups of"),
+        ({"eval_split": 1.5}, "data.eval_split=1.5: give a fraction between 0 and 1 (0.05) or a whole count"),
+        ({"eval_split": 0.1, "eval_path": str(SAMPLE)}, "data.eval_split and data.eval_path are both set"),
+    ],
+)
+def test_an_eval_split_that_cannot_work_is_refused(tmp_path, tokenizer, settings, message):
+    from data import DataError, prepare_from_config
+
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        prepare_from_config(data_config(tmp_path, **settings), tokenizer, max_length=512)

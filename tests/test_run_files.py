@@ -78,6 +78,9 @@ def test_rank_zero_writes_the_run_files_and_each_rank_its_own_log(two_process_ru
     assert (run_dir / "config.yaml").is_file() and (run_dir / "loss.png").is_file()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]  # one writer: each step once
+    assert [row["step"] for row in rows if "eval_loss" in row] == [4]  # the held-out loss, under DDP
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in samples] == [4, 4]  # generated across both ranks, written once
     assert sum("train_loss" in row for row in rows) == sum("peak_memory_gb" in row for row in rows) == 1
 
 
@@ -89,3 +92,21 @@ def test_a_cold_cache_is_filled_once_and_read_by_the_other_rank(two_process_run)
     assert rank_zero.count("not in the cache yet") == 1 and "hashing" in rank_zero
     assert "not in the cache yet" not in rank_one and "hashing" not in rank_one
     assert f"prepared data from the cache: {entry}" in rank_one and "source hash from cache" in rank_one
+
+
+def test_each_run_in_a_process_measures_its_own_peak_memory():
+    """A local sweep runs its points one after another in one process (Hydra's basic launcher): each starts
+    with reset_peak_memory, so a small point after a big one reports its own peak, not the big one's."""
+    import numpy as np
+
+    from train.outputs import peak_memory_bytes, reset_peak_memory
+
+    reset_peak_memory()
+    before = peak_memory_bytes()
+    big = np.ones(512 * 2**20 // 8)  # 512 MiB, written: resident
+    during = peak_memory_bytes()
+    del big
+    reset_peak_memory()
+    after = peak_memory_bytes()
+    assert during > before + 400 * 2**20, (before, during)
+    assert after < during - 400 * 2**20, (during, after)  # the big point's peak is not this one's

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import NO_EVAL
 from test_slurm_cluster import run, slurm, wait_for  # noqa: F401  (slurm: the module's cluster fixture)
 
 from launch.slurm import time_limit_seconds
@@ -33,6 +34,7 @@ CPU_JOB = [
     "training.per_device_train_batch_size=1",
     "training.report_to=[]",
     "method.lora_dropout=0.1",  # dropout on: a resumed job must restore every rank's RNG
+    NO_EVAL,
 ]
 
 

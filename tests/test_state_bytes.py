@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from test_config import composed
+from test_launch import SHARDED_RUN
 from test_sharded_save import FULL_RUN
 
 from train.config import load_config
@@ -39,7 +40,7 @@ def test_each_rank_holds_what_the_planner_counts(shared_launch, launch, method):
     weights and Adam moments are within 5% of the planner's per-GPU figures for that launch, computed
     for fp32 (the CPU's compute dtype: model.dtype=auto resolves to float32 here)."""
     # the runs test_sharded_save (full) and test_launch (lora) make: the first step's states are the same
-    overrides = FULL_RUN if method == "full" else ("training.save_steps=2",)
+    overrides = FULL_RUN if method == "full" else SHARDED_RUN
     run_dir, _ = shared_launch(launch, *overrides)
     config = load_config(composed(f"method={method}", f"launch={launch}", "launch.num_processes=2"))
     model = dataclasses.replace(config.model, dtype="float32")

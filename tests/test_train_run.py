@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("default-run")
-    result = run_train(cwd=cwd)
+    result = run_train(cwd=cwd, evaluate=True)  # exactly the README's command
     assert result.returncode == 0, result.stderr[-4000:]
     runs = sorted((cwd / "outputs").glob("*/*"))
     assert len(runs) == 1, runs
@@ -53,6 +53,23 @@ def test_metrics_show_the_loss_going_down(default_run):
     assert end < start - 0.3, losses
     assert "train_runtime" in rows[-2] and rows[-1]["peak_memory_gb"] > 0.1  # the run's summary rows
     assert re.search(r"\d+/\d+ \[", result.stderr), "no progress bar on stderr"
+
+
+def test_the_default_run_evaluates_on_held_out_conversations(default_run):
+    """data.eval_split=0.05 of the sample: 6 of its 126 conversations, never trained on, scored at
+    training.eval_steps=20 and at the end (step 40)."""
+    run_dir, result = default_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {row["step"]: row["eval_loss"] for row in rows if "eval_loss" in row}
+    assert list(evaluated) == [20, 40] and all(loss > 0 for loss in evaluated.values())
+    assert "held out for evaluation: 6 of 126 rows, 6 of 126 groups (data.eval_split=0.05, seed 42)" in (
+        result.stdout
+    )
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in samples] == [20, 20, 40, 40]  # samples.count=2 at each eval
+    assert samples[0]["prompt"] == samples[2]["prompt"] and samples[0]["prompt"] != samples[1]["prompt"]
+    assert samples[0]["prompt"].endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert all(isinstance(row["completion"], str) for row in samples)
 
 
 def test_loss_plot_is_a_png(default_run):

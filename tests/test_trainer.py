@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import NO_EVAL
 from test_config import composed
 
 from data import encode_conversations, load_conversations
@@ -13,7 +14,7 @@ from train.trainer import build_trainer, training_args
 
 
 def tiny_trainer(tmp_path, tokenizer, *overrides: str):
-    cfg = composed("training.report_to=[]", "training.max_length=256", *overrides)
+    cfg = composed("training.report_to=[]", "training.max_length=256", NO_EVAL, *overrides)
     cfg.output_dir = str(tmp_path)
     config = load_config(cfg)
     save_resolved_config(cfg, tmp_path)  # as a run leaves it, for tools that read run directories

@@ -70,12 +70,20 @@ def main(cfg: DictConfig) -> None:
     from data import DataError, load_tokenizer, prepare_from_config
     from train.checkpoints import CheckpointSpaceError
     from train.model import build_model, compute_dtype
-    from train.outputs import LOSS_PLOT_FILE, METRICS_FILE, final_dir, plot_loss, save_resolved_config
+    from train.outputs import (
+        LOSS_PLOT_FILE,
+        METRICS_FILE,
+        final_dir,
+        plot_loss,
+        reset_peak_memory,
+        save_resolved_config,
+    )  # fmt: skip
     from train.placement import place_processes
     from train.preference import build_preference_trainer, init_model
     from train.trainer import build_trainer, resume_checkpoint, training_args
 
     dtype = compute_dtype(config.model.dtype)
+    reset_peak_memory()  # this run's peak alone, even as one point of a sweep in this process
 
     # ── placement: accelerate's state (process group, this rank's device) before any weight loads ──
     args = training_args(config, run_dir, dtype)  # TRL's SFTConfig / DPOConfig / KTOConfig
@@ -96,9 +104,10 @@ def main(cfg: DictConfig) -> None:
     stage = config.stage.name
     try:
         with placement.main_process_first():
-            dataset, summary = prepare_from_config(
-                config.data, tokenizer, max_length=config.training.max_length, objective=stage
-            )
+            dataset, eval_dataset, summary = prepare_from_config(
+                config.data, tokenizer, max_length=config.training.max_length, objective=stage,
+                seed=config.training.seed,
+            )  # fmt: skip
     except DataError as error:  # a missing file or field, a bad record with data.strict: no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -116,9 +125,11 @@ def main(cfg: DictConfig) -> None:
 
     # ── train: SFTTrainer, or DPOTrainer / KTOTrainer; each checks its launch at step 0 ──
     if stage == "sft":
-        trainer = build_trainer(config, model, tokenizer, dataset, run_dir, args)
+        trainer = build_trainer(config, model, tokenizer, dataset, run_dir, args, eval_dataset)
     else:
-        trainer = build_preference_trainer(config, model, tokenizer, dataset, run_dir, args, placement)
+        trainer = build_preference_trainer(
+            config, model, tokenizer, dataset, run_dir, args, placement, eval_dataset
+        )
     resume = resume_checkpoint(config, run_dir, trainer)
     if resume:
         log.info("resuming from %s", resume)

@@ -166,6 +166,9 @@ class TrainingConfig:
     packing_strategy: str = MISSING  # bfd: best-fit decreasing; packed sequences never attend to each other
     logging_steps: int = MISSING
     save_steps: int = MISSING
+    eval_steps: int = (
+        MISSING  # with data.eval_split/eval_path: eval loss every this many steps and at the end
+    )
     save_total_limit: int | None = None  # complete checkpoints kept; older go once a newer is complete
     checkpoint_checksums: bool = True  # each checkpoint file's CRC-32 (sizes always), checked at resume
     report_to: list[str] = field(default_factory=list)
@@ -212,6 +215,16 @@ class WandbConfig:
 
 
 @dataclass
+class SamplesConfig:
+    """Greedy generations at each evaluation and at the end (with data.eval_split/eval_path), written to
+    samples.jsonl and wandb: ``prompts`` (user messages), or the first ``count`` held-out conversations'."""
+
+    prompts: list[str] = field(default_factory=list)
+    count: int = MISSING
+    max_new_tokens: int = MISSING
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -220,6 +233,7 @@ class Config:
     training: TrainingConfig = field(default_factory=open_training)
     stage: StageConfig = field(default_factory=StageConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     output_dir: str = MISSING
 
 

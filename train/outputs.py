@@ -60,14 +60,39 @@ class MetricsJsonl(TrainerCallback):
 
 
 def peak_memory_bytes() -> int:
-    """GPU: the most memory torch allocated; CPU: the process's peak resident set."""
+    """GPU: the most memory torch allocated; CPU: the process's peak resident set (Linux's VmHWM, which
+    ``reset_peak_memory`` can start afresh; getrusage's ru_maxrss where there is no /proc)."""
     import resource
 
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def reset_peak_memory() -> None:
+    """Start this run's peak memory afresh, with what earlier runs of the process left given back: a local
+    sweep runs its points one after another in one process (Hydra's basic launcher), and each point's
+    ``peak_memory_gb`` must be its own. GPU: torch's cache emptied, its peak statistics reset; CPU: freed
+    heap returned to the OS (malloc_trim), then the kernel's high-water mark reset (/proc/self/clear_refs)."""
+    import torch
+
+    from train.placement import release_freed_host_memory
+
+    release_freed_host_memory()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set size
+    except OSError:
+        pass
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -75,19 +100,27 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> Path:
-    """Draw training loss (and learning rate) against step from ``metrics.jsonl``."""
+    """Draw training loss, eval loss where the run evaluated, and learning rate against step, from
+    ``metrics.jsonl``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [row for row in read_metrics(metrics_path) if "loss" in row]
+    evaluated = [row for row in read_metrics(metrics_path) if "eval_loss" in row]
     figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
     loss_axis.plot(
-        [r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=3, label="loss"
+        [r["step"] for r in rows], [r["loss"] for r in rows], marker="o", markersize=3, label="training loss"
     )
+    if evaluated:
+        loss_axis.plot(
+            [r["step"] for r in evaluated], [r["eval_loss"] for r in evaluated], marker="s", markersize=5,
+            color="tab:orange", label="eval loss (held out)",
+        )  # fmt: skip
+        loss_axis.legend(loc="upper right")
     loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("training loss")
+    loss_axis.set_ylabel("loss")
     loss_axis.grid(alpha=0.3)
     if rows and "learning_rate" in rows[0]:
         lr_axis = loss_axis.twinx()
@@ -95,7 +128,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path:
             [r["step"] for r in rows], [r["learning_rate"] for r in rows], color="tab:gray", alpha=0.5
         )
         lr_axis.set_ylabel("learning rate", color="tab:gray")
-    loss_axis.set_title(f"training loss, run {metrics_path.parent.parent.name} {metrics_path.parent.name}")
+    loss_axis.set_title(f"loss, run {metrics_path.parent.parent.name} {metrics_path.parent.name}")
     figure.tight_layout()
     figure.savefig(png_path)
     plt.close(figure)

@@ -37,7 +37,7 @@ from train.model import build_model, build_peft_config, compute_dtype_of, load_c
 from train.outputs import METRICS_FILE, MetricsJsonl, final_dir
 from train.placement import Placement
 from train.run_dir import run_config
-from train.trainer import ShardedOnCpu, configure_wandb, keep_adapters_fp32, watch_run
+from train.trainer import ShardedOnCpu, configure_wandb, evaluates_on, keep_adapters_fp32, watch_run
 
 
 class LlamaDPOTrainer(ShardedOnCpu, DPOTrainer):
@@ -260,12 +260,14 @@ def build_preference_trainer(
     run_dir: Path,
     args: DPOConfig | KTOConfig,
     placement: Placement | None = None,
+    eval_dataset: Dataset | None = None,
 ):
     """TRL's trainer for ``stage.name`` (dpo or kto) on prepared preference rows, with ``args`` from
     ``train.trainer.training_args`` (``stage.*`` as DPOConfig/KTOConfig settings) and the callbacks every run
     has (metrics, launch check, checkpoints)."""
     if "wandb" in config.training.report_to:
         configure_wandb(config, run_dir)
+    evaluates_on(eval_dataset, args)
     adapter = isinstance(model, PeftModel)  # an adapter a run started from: it trains on (init_model)
     reference = reference_copy(model, args, placement) if config.method.name == "full" else None
     trainer = _TRAINERS[config.stage.name](
@@ -273,6 +275,7 @@ def build_preference_trainer(
         ref_model=reference,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,  # TRL's eval rewards and margins, with the eval loss
         processing_class=tokenizer,
         peft_config=None if adapter else build_peft_config(config.method),
         callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],

@@ -3,7 +3,8 @@
     python -m train -m method=lora,qlora method.r=8,16
 
 Each point trains into its own directory (``multirun/<date>/<time>/<n>/``); at the end
-``sweep.csv`` lists each point's overrides, final loss, tokens/s and peak memory.
+``sweep.csv`` lists each point's overrides, final loss, final eval loss (data.eval_split), tokens/s and
+peak memory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 SWEEP_FILE = "sweep.csv"
-COLUMNS = ("point", "overrides", "status", "final_loss", "tokens_per_second", "peak_memory_gb", "run_dir")
+COLUMNS = ("point", "overrides", "status", "final_loss", "eval_loss", "tokens_per_second", "peak_memory_gb",
+           "run_dir")  # fmt: skip
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict]:
@@ -28,6 +30,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
         overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
         metrics = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []
         losses = [row["loss"] for row in metrics if "loss" in row]
+        evaluated = [row["eval_loss"] for row in metrics if "eval_loss" in row]
         final = {key: value for row in metrics for key, value in row.items()}
         rows.append(
             {
@@ -36,6 +39,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
                 "status": "finished" if "train_loss" in final else "not finished",
                 # the last logged loss; a run shorter than logging_steps has only its mean train_loss
                 "final_loss": losses[-1] if losses else final.get("train_loss", ""),
+                "eval_loss": evaluated[-1] if evaluated else "",  # the held-out loss at the end: what ranks
                 "tokens_per_second": final.get("train_tokens_per_second", ""),
                 "peak_memory_gb": final.get("peak_memory_gb", ""),
                 "run_dir": str(run_dir),

@@ -10,7 +10,7 @@ import torch
 import trl
 from datasets import Dataset
 from transformers import PreTrainedModel, Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
 from train.checkpoints import CompleteCheckpoints, out_of_space, resume_point, space_error
@@ -20,6 +20,7 @@ from train.model import build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
 from train.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
 from train.run_dir import CHECKPOINTS_DIR
+from train.samples import SAMPLES_FILE, SampleGenerations, sample_prompts
 from train.state_bytes import StateBytes
 
 
@@ -44,6 +45,8 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
         for sft_only in ("packing", "packing_strategy"):
             training.pop(sft_only)
     settings = {key: getattr(config.stage, key) for key, stages in STAGE_SETTINGS.items() if stage in stages}
+    if "eval_strategy" not in training:  # evaluate when there is something to evaluate on (data.eval_*)
+        training["eval_strategy"] = "steps" if config.data.eval_split or config.data.eval_path else "no"
     use_cpu = not torch.cuda.is_available()
     if use_cpu:
         # accelerate 1.15 imports deepspeed wherever it unwraps a model (utils/other.py,
@@ -149,21 +152,36 @@ def keep_adapters_fp32(model) -> None:
 
 
 def build_trainer(
-    config: Config, model, tokenizer, dataset: Dataset, run_dir: Path, args: SFTConfig
+    config: Config,
+    model,
+    tokenizer,
+    dataset: Dataset,
+    run_dir: Path,
+    args: SFTConfig,
+    eval_dataset: Dataset | None = None,
 ) -> SFTTrainer:
     """TRL's SFTTrainer on the encoded dataset; it folds ``assistant_masks`` into the labels itself."""
     if "wandb" in config.training.report_to:
         configure_wandb(config, run_dir)
+    evaluates_on(eval_dataset, args)
     trainer = LlamaSFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=build_peft_config(config.method),
         callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
         cpu_fused_lm_head=config.training.cpu_fused_lm_head,
     )
     return watch_run(trainer, config, run_dir)
+
+
+def evaluates_on(eval_dataset: Dataset | None, args: TrainingArguments) -> None:
+    """``args`` evaluate only with rows to evaluate on: ``training_args`` turns evaluation on from the config
+    (data.eval_split / eval_path), before any data exists; a caller with rows of its own may have none."""
+    if eval_dataset is None:
+        args.eval_strategy, args.do_eval = IntervalStrategy.NO, False
 
 
 def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
@@ -178,6 +196,11 @@ def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
         CompleteCheckpoints(trainer, run_dir, training.save_total_limit, training.checkpoint_checksums)
     )
     trainer.add_callback(StateBytes(run_dir))  # state_bytes/rank<k>.json: what each rank holds after step 1
+    if trainer.eval_dataset is not None:  # samples.jsonl: what the model says at each eval and at the end
+        prompts = sample_prompts(config.samples, trainer.eval_dataset, trainer.processing_class)
+        trainer.add_callback(
+            SampleGenerations(trainer, prompts, run_dir / SAMPLES_FILE, config.samples.max_new_tokens)
+        )
     return trainer
 
 
