@@ -250,7 +250,7 @@ def test_a_job_outlives_its_time_limit_and_a_lost_node(slurm, uninterrupted, tmp
     1. a real time limit, --time=2 --signal=B:USR1@80: Slurm's timer looks every 30 s and signals up to
        30 s early, so the batch shell gets USR1 10-40 s into the job: before or early in training, as a
        25 s first-start setup line (a slow `module load`) delays it. The run checkpoints at its next step
-       and the script requeues it. The limit is then raised, so the rest fits in one start.
+       and the script requeues it. The limit is raised meanwhile, so the rest fits in one start.
     2. no signal at all: after the resumed start's next periodic checkpoint the second node's processes
        are SIGKILLed; srun ends the first node's at once (--kill-on-bad-exit: gloo's or NCCL's timeout
        would be 30 minutes) and the script, seeing a failure after a checkpoint this start saved, requeues.
@@ -263,9 +263,12 @@ def test_a_job_outlives_its_time_limit_and_a_lost_node(slurm, uninterrupted, tmp
     job = submit(run_dir, env, *limit)
     assert "#SBATCH --time=2\n#SBATCH --signal=B:USR1@80\n" in (run_dir / "slurm-job.sh").read_text()
     out = run_dir / f"slurm-{job}.out"
-    wait_for(lambda: out.is_file() and "; requeueing job" in out.read_text(), 240, "the time-limit signal")
+    signalled = "USR1: checkpoint at the next step, then requeue"
+    wait_for(lambda: out.is_file() and signalled in out.read_text(), 240, "the time-limit signal")
+    # raised while this start checkpoints, before its requeue: the next start must not get USR1 again
     raised = run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env)
     assert raised.returncode == 0, raised.stderr
+    wait_for(lambda: "; requeueing job" in out.read_text(), 120, "the requeue after the time-limit signal")
     log = out.read_text()
     assert "USR1: checkpoint at the next step, then requeue" in log
     stopped = int(log.split("stop requested (checkpoint-and-stop): checkpoint at step ")[1].split(",")[0])

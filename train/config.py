@@ -166,9 +166,8 @@ class TrainingConfig:
     packing_strategy: str = MISSING  # bfd: best-fit decreasing; packed sequences never attend to each other
     logging_steps: int = MISSING
     save_steps: int = MISSING
-    eval_steps: int = (
-        MISSING  # with data.eval_split/eval_path: eval loss every this many steps and at the end
-    )
+    eval_steps: int = MISSING  # with data.eval_split/eval_path: eval loss every this many steps and at end
+    per_device_eval_batch_size: int = MISSING  # conf: the training batch (TRL's 8 holds 4x a step's logits)
     save_total_limit: int | None = None  # complete checkpoints kept; older go once a newer is complete
     checkpoint_checksums: bool = True  # each checkpoint file's CRC-32 (sizes always), checked at resume
     report_to: list[str] = field(default_factory=list)
