@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -432,20 +431,3 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_step_for_step(ddp_run,
     assert f"resuming from {run_dir / 'checkpoints' / f'checkpoint-{step}'}\n" in resumed.stdout
     assert not (run_dir / "stopped").exists() and not (run_dir / "checkpoint-and-stop").exists()
     assert losses(run_dir) == pytest.approx(losses(reference), abs=1e-6)  # steps 1-4, each once
-
-
-@pytest.mark.slow
-def test_multirun_sweep_writes_each_point_and_a_summary(tmp_path):
-    grid = ["-m", "method=full,lora", "training.max_steps=2", "training.report_to=[]"]
-    result = run_train(*grid, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path, evaluate=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "0" / "model" / "model.safetensors").is_file()
-    assert (tmp_path / "1" / "adapter" / "adapter_model.safetensors").is_file()
-    with (tmp_path / "sweep.csv").open() as file:
-        rows = list(csv.DictReader(file))
-    assert [row["overrides"].split()[0] for row in rows] == ["method=full", "method=lora"]
-    for point, row in enumerate(rows):
-        assert row["run_dir"] == str(tmp_path / str(point)) and row["status"] == "finished"
-        assert float(row["final_loss"]) > 0 and float(row["tokens_per_second"]) > 0
-        assert float(row["eval_loss"]) == eval_losses(tmp_path / str(point))[2]  # held out, at the end
-        assert float(row["peak_memory_gb"]) > 0.1  # each point's own: test_run_files' reset_peak_memory test

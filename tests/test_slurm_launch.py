@@ -320,30 +320,35 @@ def test_a_job_the_cluster_cannot_run_is_refused_before_submitting(slurm, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_a_sweep_on_slurm_runs_each_point_as_its_own_job(slurm, tmp_path):  # noqa: F811
-    """hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml, submitit): a job array, one point per job."""
+def test_a_search_on_slurm_runs_each_trial_as_its_own_job(slurm, tmp_path):  # noqa: F811
+    """hydra/sweeper=optuna with hydra/launcher=slurm (conf/hydra/launcher/slurm.yaml, submitit): the trials
+    asked at once (n_jobs) are one job array, one trial per job, and what each job's run returns (its final
+    eval loss) is what Optuna is told."""
+    import optuna
+
     _, env = slurm
     sweep_dir = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "-m", "train", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
-         "hydra.launcher.cpus_per_task=1", "method.r=4,8", "training.max_steps=2", "training.report_to=[]",
-         f"hydra.sweep.dir={sweep_dir}"],
+        [sys.executable, "-m", "train", "+experiment=search_lr_rank", "hydra/launcher=slurm",
+         "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.sweeper.n_trials=3",
+         "hydra.sweeper.n_jobs=3", "training.max_steps=2", "training.report_to=[]", "data.eval_split=2",
+         "samples.count=0", f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     with (sweep_dir / "sweep.csv").open() as file:
         rows = list(csv.DictReader(file))
-    assert [row["overrides"].split()[0] for row in rows] == ["method.r=4", "method.r=8"]
+    study = optuna.load_study(study_name="search_lr_rank", storage=f"sqlite:///{sweep_dir}/optuna.db")
     jobs = sorted(
         path.name
         for path in (sweep_dir / ".submitit").iterdir()
         if path.name[0].isdigit() and "_" in path.name
     )
     array = jobs[0].split("_")[0]
-    assert jobs == [f"{array}_0", f"{array}_1"]  # one array job, one task per point
-    for point, (row, job) in enumerate(zip(rows, jobs, strict=True)):
-        assert row["status"] == "finished" and float(row["final_loss"]) > 0, row
+    assert jobs == [f"{array}_0", f"{array}_1", f"{array}_2"]  # one array job, one task per trial
+    for point, (row, job, trial) in enumerate(zip(rows, jobs, study.trials, strict=True)):
+        assert row["status"] == "finished" and trial.value == pytest.approx(float(row["eval_loss"])), row
         adapter = json.loads((sweep_dir / str(point) / "adapter" / "adapter_config.json").read_text())
-        assert adapter["r"] == (4, 8)[point]
+        assert adapter["r"] == trial.params["method.r"]
         log = (sweep_dir / ".submitit" / job / f"{job}_0_log.out").read_text()
         assert f"run directory {sweep_dir / str(point)};" in log  # trained inside that Slurm job

@@ -44,11 +44,27 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _check_search(config) -> None:
+    """An Optuna search (hydra/sweeper=optuna) minimizes each run's final eval loss: refuse a run that holds
+    nothing out before it trains for nothing."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from train.sweep import searching
+
+    if searching(HydraConfig.get()) and not (config.data.eval_split or config.data.eval_path):
+        raise ConfigError(
+            "hydra/sweeper=optuna minimizes the final eval loss, and this run holds out no data "
+            "(data.eval_split=0, no data.eval_path): set data.eval_split=0.05 (or data.eval_path=<file>)"
+        )
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """One run; returns its final eval loss (``train.sweep.objective``), which an Optuna sweep minimizes."""
     # ── config: typed, validated and checked to fit, before anything expensive ──
     try:
         config = load_config(cfg)
+        _check_search(config)
         config.launch = launch_from_environment(config.launch, explicit=_launch_chosen())
         for key in ("name", "strategy", "num_processes", "num_machines", "accelerate_config"):
             cfg.launch[key] = getattr(config.launch, key)  # the saved config says what ran
@@ -80,6 +96,7 @@ def main(cfg: DictConfig) -> None:
     )  # fmt: skip
     from train.placement import place_processes
     from train.preference import build_preference_trainer, init_model
+    from train.sweep import objective
     from train.trainer import build_trainer, resume_checkpoint, training_args
 
     dtype = compute_dtype(config.model.dtype)
@@ -146,13 +163,14 @@ def main(cfg: DictConfig) -> None:
                 trainer.state.global_step,
                 trainer.state.max_steps,
             )
-        return
+        return None
 
     # ── save: adapter (or full weights), tokenizer, loss curve ─────────────────
     trainer.save_model(str(final_dir(run_dir, config.method.name)))
     if trainer.is_world_process_zero():
         plot_loss(run_dir / METRICS_FILE, run_dir / LOSS_PLOT_FILE)
         log.info("done: %s", run_dir)
+    return objective(trainer.state.log_history)
 
 
 if __name__ == "__main__":

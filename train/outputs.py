@@ -52,7 +52,11 @@ class MetricsJsonl(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self._write({"step": state.global_step, "peak_memory_gb": peak_memory_bytes() / 2**30})
+            end = {"step": state.global_step, "peak_memory_gb": peak_memory_bytes() / 2**30}
+            if state.best_metric is not None:  # training.metric_for_best_model, at its best checkpoint
+                end["best_metric"] = state.best_metric
+                end["best_model_checkpoint"] = state.best_model_checkpoint
+            self._write(end)
 
     def _write(self, row: dict) -> None:
         with self.path.open("a") as file:

@@ -196,8 +196,10 @@ def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
         CompleteCheckpoints(trainer, run_dir, training.save_total_limit, training.checkpoint_checksums)
     )
     trainer.add_callback(StateBytes(run_dir))  # state_bytes/rank<k>.json: what each rank holds after step 1
-    if trainer.eval_dataset is not None:  # samples.jsonl: what the model says at each eval and at the end
+    prompts = []  # samples.jsonl: what the model says at each eval and at the end (samples.count=0: nothing)
+    if trainer.eval_dataset is not None:
         prompts = sample_prompts(config.samples, trainer.eval_dataset, trainer.processing_class)
+    if prompts:
         trainer.add_callback(
             SampleGenerations(trainer, prompts, run_dir / SAMPLES_FILE, config.samples.max_new_tokens)
         )
