@@ -72,9 +72,8 @@ def test_adapter_methods_train_only_the_adapter_and_save_only_it(tmp_path, token
     trainer.save_model(str(tmp_path / "adapter"))
     saved = sorted(p.name for p in (tmp_path / "adapter").glob("*.safetensors"))
     assert saved == ["adapter_model.safetensors"]
-    # the adapter computes in the run's dtype (TRL would leave a quantized model's adapter in bf16)
-    expected_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {expected_dtype}
+    # the adapter is fp32 on every device (TRL would leave a quantized model's adapter in bf16)
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
     if method == "qlora":
         import bitsandbytes as bnb
 
@@ -95,3 +94,29 @@ def test_full_trains_every_weight_and_saves_loadable_safetensors(tmp_path, token
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", use_safetensors=True)
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), reloaded.get_parameter(name).detach()), name
+
+
+def test_qlora_keeps_its_frozen_weights_in_the_compute_dtype_as_the_planner_counts(tokenizer):
+    """peft's prepare_model_for_kbit_training would upcast embeddings, LM head and norms to fp32 (8B: 4.2 GB
+    where bf16 holds 2.1 GB): they stay bf16, and the planner's frozen weights are these bytes. Built in bf16
+    on this CPU (building is cheap; only bf16 matmuls are slow here)."""
+    import bitsandbytes as bnb
+
+    from train.plan.architecture import nf4_linear_bytes, unquantized_parameters
+    from train.plan.memory import frozen_bytes
+
+    overrides = ("method=qlora", "model.gradient_checkpointing=true", "model.dtype=bfloat16")
+    config = load_config(composed(*overrides))
+    model = build_model(config.model, tokenizer, dtype=torch.bfloat16, seed=0, method=config.method)
+    unquantized = [p for p in model.parameters() if not isinstance(p, bnb.nn.Params4bit)]
+    assert {p.dtype for p in unquantized} == {torch.bfloat16} and len(unquantized) == 2 + 2 * 2 + 1
+    assert not any(p.requires_grad for p in model.parameters())
+    assert sum(p.numel() * p.element_size() for p in unquantized) == 2 * unquantized_parameters(config.model)
+    assert frozen_bytes(config.model, config.method) == nf4_linear_bytes(config.model) + 2 * sum(
+        p.numel() for p in unquantized
+    )
+    # the forward runs without autocast (generation at each eval), and gradient checkpointing's reentrant
+    # recompute gets an embeddings' output that requires grad
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2]])).logits.dtype == torch.bfloat16
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad

@@ -92,7 +92,7 @@ def load_chat_model(run_dir: Path, weights: Path):
     """``weights`` (a directory ``choose_weights`` returned) ready to generate, and the run's tokenizer.
 
     An adapter goes on the run's base as in training: rebuilt from ``model.path`` or the run's seed
-    (``base_of``), 4-bit on the device for QLoRA. No ``prepare_model_for_kbit_training``: nothing trains."""
+    (``base_of``), 4-bit on the device for QLoRA. No ``prepare_4bit_for_training``: nothing trains."""
     import torch
 
     from data import load_tokenizer

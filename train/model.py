@@ -80,18 +80,14 @@ def build_model(
     Random weights depend only on ``seed``, so a tiny run's base model can be rebuilt
     exactly to load its adapter back. With ``method.load_in_4bit`` (QLoRA) the weights load
     through bitsandbytes as 4-bit NF4 with ``dtype`` compute onto this process's device
-    (``placement``), prepared for k-bit training; random weights take the same path, saved once
-    to a temporary checkpoint first. Weights are stored in ``weights_dtype``. Call it after
-    ``train.placement.place_processes``: that is what makes FSDP read the checkpoint on one
-    rank per node and ZeRO-3 partition it while reading.
+    (``placement``), frozen as loaded (``prepare_4bit_for_training``); random weights take the
+    same path, saved once to a temporary checkpoint first. Weights are stored in ``weights_dtype``.
+    Call it after ``train.placement.place_processes``: that is what makes FSDP read the checkpoint on
+    one rank per node and ZeRO-3 partition it while reading.
     """
     if method is not None and method.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
         quantized = load_4bit(model, tokenizer, dtype=dtype, seed=seed, method=method, placement=placement)
-        return prepare_model_for_kbit_training(
-            quantized, use_gradient_checkpointing=model.gradient_checkpointing
-        )
+        return prepare_4bit_for_training(quantized, model.gradient_checkpointing)
     dtype = weights_dtype(method, dtype, placement)
     if model.path is not None:
         loaded = load_checkpoint(model.path, dtype, attention_implementation(model.attn_implementation))
@@ -101,6 +97,25 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return stop_at_end_of_turn(LlamaForCausalLM(config).to(dtype), tokenizer)
+
+
+def prepare_4bit_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    """A 4-bit base ready for adapters: frozen, every weight as loaded (the compute dtype or NF4).
+
+    Not peft's ``prepare_model_for_kbit_training``: it upcasts every parameter that is not 4-bit to fp32,
+    and for 8B the embeddings and the LM head (2 x 525M parameters) then take 4.2 GB where bf16 holds them
+    in 2.1 GB, and the residual stream becomes fp32. Nothing frozen needs fp32 to train in bf16: Meta ships
+    these weights in bf16, and its reference RMSNorm multiplies a bf16 weight as transformers' does (the
+    variance is fp32 either way). Keeping even the norms in fp32 would make the final norm's output fp32,
+    which the bf16 LM head refuses outside autocast (generation at each eval): measured. The adapters are
+    fp32 (``train.trainer.keep_adapters_fp32``). With gradient checkpointing the embeddings' output must
+    require grad, or a reentrant checkpoint of a frozen first layer has nothing to differentiate (what peft
+    does too); the trainer turns the checkpointing on."""
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
 
 
 def stop_at_end_of_turn(model: PreTrainedModel, tokenizer) -> PreTrainedModel:

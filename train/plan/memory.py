@@ -92,10 +92,11 @@ def trainable_bytes(method: MethodConfig, strategy: str, optim: str, compute: in
 
 
 def fp32_residual(method: MethodConfig, strategy: str) -> bool:
-    """Whether embeddings and norms are fp32 as the forward sees them, so the residual stream is fp32:
-    QLoRA (prepare_model_for_kbit_training upcasts them), and full fine-tuning under single/ddp (fp32
-    weights under autocast: embedding lookups and norm products are not autocast ops)."""
-    return method.name == "qlora" or (method.name == "full" and strategy in ("single", "ddp"))
+    """Whether embeddings and norms are fp32 as the forward sees them, so the residual stream is fp32: full
+    fine-tuning under single/ddp (fp32 weights under autocast: embedding lookups and norm products are not
+    autocast ops). QLoRA's frozen embeddings and norms stay in the compute dtype
+    (``train.model.prepare_4bit_for_training``), and so does its residual stream."""
+    return method.name == "full" and strategy in ("single", "ddp")
 
 
 def autocast_copy_bytes(model: ModelConfig, method: MethodConfig, strategy: str) -> int:
@@ -144,13 +145,13 @@ def lm_head_bytes(
 
     ``fused`` (GPU): TRL's chunked LM head: one logits tile in the compute dtype, the fp32 gradient of
     the hidden states, and for full fine-tuning the LM head's gradient accumulated in fp32 and cast to
-    the head's dtype (no cast when the head is fp32: single/ddp); an fp32 head (QLoRA's, or full
-    fine-tuning's under single/ddp) is cast one vocabulary chunk at a time (two alive as the loop moves
-    on). Not fused (CPU: the model's own loss): the fp32 logits and their log-softmax, the hidden
-    states' gradient and, for full fine-tuning, the head's fp32 gradient.
+    the head's dtype (no cast when the head is fp32: single/ddp); an fp32 head (full fine-tuning's under
+    single/ddp) is cast one vocabulary chunk at a time (two alive as the loop moves on). QLoRA's frozen
+    head is in the compute dtype. Not fused (CPU: the model's own loss): the fp32 logits and their
+    log-softmax, the hidden states' gradient and, for full fine-tuning, the head's fp32 gradient.
     """
     compute, hidden, vocab = compute_bytes(model), model.hidden_size, model.vocab_size
-    head_fp32 = method.name == "qlora" or (method.name == "full" and strategy in ("single", "ddp"))
+    head_fp32 = fp32_residual(method, strategy)  # full fine-tuning's fp32 weights under single/ddp
     head_dtype = 4 if head_fp32 or compute == 4 else compute
     head_grad = vocab * hidden * (4 + (head_dtype if head_dtype != 4 else 0)) if method.name == "full" else 0
     if not fused:
@@ -203,11 +204,12 @@ _WORKING = ("gradients", "autocast_copies", "activations", "lm_head_loss", "step
 
 def frozen_bytes(model: ModelConfig, method: MethodConfig) -> int:
     """The base weights LoRA/QLoRA freeze: the compute dtype (LoRA); NF4 decoder Linears and the rest
-    upcast to fp32 by prepare_model_for_kbit_training (QLoRA). Full fine-tuning freezes nothing."""
+    (embeddings, LM head, norms) in the compute dtype (QLoRA, ``train.model.prepare_4bit_for_training``).
+    Full fine-tuning freezes nothing."""
     if method.name == "full":
         return 0
     if method.name == "qlora":
-        return nf4_linear_bytes(model) + 4 * unquantized_parameters(model)
+        return nf4_linear_bytes(model) + compute_bytes(model) * unquantized_parameters(model)
     return compute_bytes(model) * count_parameters(model)
 
 

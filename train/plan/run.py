@@ -211,8 +211,8 @@ def _assumptions(requested, model, method, strategy, optim, usable: float, devic
     base = {
         "full": "",
         "lora": f"frozen base in {compute}; ",
-        "qlora": "frozen base: NF4 decoder Linears (double quant); embeddings, LM head and norms in fp32 "
-        "after peft's prepare_model_for_kbit_training; ",
+        "qlora": f"frozen base: NF4 decoder Linears (double quant); embeddings, LM head and norms in "
+        f"{compute} (train.model.prepare_4bit_for_training); ",
     }[method.name]
     return (
         f"compute dtype {compute} on the {on} (model.dtype={requested.dtype}); sdpa/flash attention, so no "
