@@ -103,8 +103,8 @@ def main(cfg: DictConfig) -> float | None:
     reset_peak_memory()  # this run's peak alone, even as one point of a sweep in this process
 
     # ── placement: accelerate's state (process group, this rank's device) before any weight loads ──
-    args = training_args(config, run_dir, dtype)  # TRL's SFTConfig / DPOConfig / KTOConfig
     try:
+        args = training_args(config, run_dir, dtype)  # TRL's SFTConfig / DPOConfig / KTOConfig
         placement = place_processes(config.launch, args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -162,8 +162,10 @@ class TrainingConfig:
     max_grad_norm: float = MISSING
     optim: str = MISSING
     max_length: int = MISSING
-    packing: bool = False
+    packing: str = "auto"  # auto: packed on a GPU (SFT), not on a CPU; true, false (train/fast_path.py)
     packing_strategy: str = MISSING  # bfd: best-fit decreasing; packed sequences never attend to each other
+    use_liger_kernel: str = "auto"  # auto: Liger's RMSNorm/RoPE/SwiGLU kernels where a GPU and liger are
+    activation_offloading: bool = False  # TRL: kept activations to CPU memory (GPU only), for long context
     logging_steps: int = MISSING
     save_steps: int = MISSING
     eval_steps: int = MISSING  # with data.eval_split/eval_path: eval loss every this many steps and at end
@@ -337,12 +339,33 @@ def validate(config: Config) -> list[str]:
     return problems
 
 
+SWITCH_VALUES = ("auto", "true", "false")
+
+
+def switch(training: TrainingConfig, key: str) -> str:
+    """``auto``, ``true`` or ``false`` (Hydra reads ``training.packing=true`` as a bool; the field keeps it
+    as the string ``True``)."""
+    return str(getattr(training, key)).lower()
+
+
+def switch_problems(training: TrainingConfig, stage: str) -> list[str]:
+    """What is wrong whatever the device: an unknown value, packing asked of a preference stage."""
+    problems = [
+        f"training.{key}: {getattr(training, key)!r}; use auto (on where it runs), true or false"
+        for key in ("packing", "use_liger_kernel")
+        if switch(training, key) not in SWITCH_VALUES
+    ]
+    if stage != "sft" and switch(training, "packing") == "true":
+        problems.append(f"training.packing: SFT only; stage={stage} trains on whole prompt + completion rows")
+    return problems
+
+
 def _stage_problems(config: Config) -> list[str]:
     """The stage against its data, settings and starting run."""
     stage, data, training = config.stage, config.data, config.training
     if stage.name not in STAGES:
         return [f"stage.name: {stage.name!r} is not one of {', '.join(STAGES)}"]
-    problems = []
+    problems = switch_problems(training, stage.name)
     if data.format not in STAGE_FORMATS[stage.name]:
         problems.append(_format_problem(stage.name, data))
     if stage.name == "sft":
@@ -356,10 +379,6 @@ def _stage_problems(config: Config) -> list[str]:
             if is_set
         ]
     else:
-        if training.packing:
-            problems.append(
-                f"training.packing: SFT only; stage={stage.name} trains on whole prompt + completion rows"
-            )
         if data.threads != "best":
             problems.append(
                 f"data.threads: stage={stage.name} mines pairs at every prompt of a tree; remove it"

@@ -7,7 +7,6 @@ where a bf16 matmul is ~200× slower (no native bf16 on AVX2).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import shutil
 import tempfile
 import uuid
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 from data.tokenizer import stop_token_ids
 from train.config import MethodConfig, ModelConfig
+from train.fast_path import attention
 from train.placement import Placement, release_freed_host_memory
 
 
@@ -38,12 +38,9 @@ def compute_dtype_of(args) -> torch.dtype:
 
 
 def attention_implementation(requested: str) -> str:
-    """``auto``: FlashAttention-2 on a GPU when flash-attn is installed, else PyTorch's sdpa."""
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    """``auto``: FlashAttention-2 on a GPU when flash-attn is installed, else PyTorch's sdpa
+    (``train.fast_path.attention``, for this machine)."""
+    return attention(requested, torch.cuda.is_available())
 
 
 def llama_config(model: ModelConfig, tokenizer) -> LlamaConfig:

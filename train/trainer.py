@@ -3,6 +3,7 @@ SFTTrainer for stage=sft (train/preference.py has DPO/KTO), and what every stage
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from trl import SFTConfig, SFTTrainer
 
 from train.checkpoints import CompleteCheckpoints, out_of_space, resume_point, space_error
 from train.config import STAGE_SETTINGS, TRL_CONFIGS, Config, trl_settings
+from train.fast_path import fast_path
 from train.launch_check import LaunchCheck
-from train.model import build_peft_config
+from train.model import attention_implementation, build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
 from train.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
 from train.run_dir import CHECKPOINTS_DIR
@@ -27,8 +29,9 @@ from train.state_bytes import StateBytes
 def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> TrainingArguments:
     """``training.*`` (and ``stage.*`` for dpo/kto) mapped by name onto the stage's TRL config:
     ``SFTConfig``, ``DPOConfig`` or ``KTOConfig`` (which have no packing), the typed settings and those passed
-    through (``train.config.trl_settings``); precision and device follow ``dtype``. Built before the model:
-    creating it creates accelerate's state (train/placement.py)."""
+    through (``train.config.trl_settings``); precision, device and the fast path's ``auto`` switches
+    (train/fast_path.py; ConfigError for one that cannot run here) follow the device. Built before the
+    model: creating it creates accelerate's state (train/placement.py)."""
     stage = config.stage.name
     training = trl_settings(config.training)
     for not_trl_config in (
@@ -42,12 +45,17 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
     # could leave no complete one. train/checkpoints.py rotates after the marker, by step, complete ones only.
     training["save_total_limit"] = None
     if stage != "sft":
-        for sft_only in ("packing", "packing_strategy"):
-            training.pop(sft_only)
+        training.pop("packing_strategy")
     settings = {key: getattr(config.stage, key) for key, stages in STAGE_SETTINGS.items() if stage in stages}
     if "eval_strategy" not in training:  # evaluate when there is something to evaluate on (data.eval_*)
         training["eval_strategy"] = "steps" if config.data.eval_split or config.data.eval_path else "no"
     use_cpu = not torch.cuda.is_available()
+    path = fast_path(config.training, stage, attention_implementation(config.model.attn_implementation),
+                     on_gpu=not use_cpu)  # fmt: skip
+    training.update(path.trl_settings())  # auto resolved for this device
+    logging.getLogger("train").info(path.describe())
+    if stage != "sft":
+        training.pop("packing")
     if use_cpu:
         # accelerate 1.15 imports deepspeed wherever it unwraps a model (utils/other.py,
         # extract_model_from_parallel), DeepSpeed run or not, and deepspeed then warns "Setting accelerator to

@@ -5,20 +5,25 @@
     python -m train.plan model=70b method=lora launch=zero3 seq_len=4096 batch=2 output=json
     python -m train.plan model=8b method=full stage=dpo data=preference_sample  # + DPO's reference model
     python -m train.plan model=8b device=local                  # as `python -m train` checks it here
+    python -m train.plan max_context=true gpu_memory=80GB       # the longest context per size x method
 
 Sizes are printed in GiB (2**30): GPU memory is sold in binary units (an "80 GB" H100 has 80 GiB).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import sys
 
 from train.plan.device import Device, parse_memory
 from train.plan.fit import plan_run
-from train.plan.report import format_plan
+from train.plan.report import format_plan, gib
 
-PLANNER_OPTIONS = ("seq_len", "batch", "gpu_memory", "device", "output")
+PLANNER_OPTIONS = ("seq_len", "batch", "gpu_memory", "device", "output", "max_context")
+SIZES, METHODS = ("8b", "70b", "405b"), ("full", "lora", "qlora")
+CONTEXT_STEP = 1024  # the longest context is searched in whole multiples of this
 
 
 def _count(options: dict[str, str], key: str, default: int) -> int:
@@ -40,12 +45,104 @@ def _device(options: dict[str, str], config) -> Device:
     return Device.local() if where == "local" else Device.configured(config.launch)
 
 
+def longest_context(config, device: Device) -> tuple[int, object]:
+    """The longest ``training.max_length`` (a multiple of ``CONTEXT_STEP``, at most the model's
+    max_position_embeddings) whose plan fits ``device`` at the configured batch, and that plan; (0, the
+    plan at ``CONTEXT_STEP``) when not even that fits. The peak grows with the length, so a bisection."""
+    training = copy.copy(config.training)
+    config = dataclasses.replace(config, training=training)
+
+    def plan_at(steps: int):
+        training.max_length = steps * CONTEXT_STEP
+        return plan_run(config, device)
+
+    low, high = 0, config.model.max_position_embeddings // CONTEXT_STEP
+    best = plan_at(1)
+    while low < high:
+        middle = (low + high + 1) // 2
+        plan = plan_at(middle)
+        if plan.fits:
+            low, best = middle, plan
+        else:
+            high = middle - 1
+    return low * CONTEXT_STEP, best
+
+
+def context_table(overrides: list[str], options: dict[str, str]) -> dict:
+    """``max_context=true``: for every size x method (with the other overrides: launch, batch, fast path
+    switches), the longest context that fits, as configured and with activation offloading. One sequence
+    per row: packing is about many short sequences (and under sdpa adds a seq² mask per row)."""
+    from train.config import compose_config, load_config
+
+    rows = []
+    for size in SIZES:
+        for method in METHODS:
+            cfg = compose_config([*overrides, f"model={size}", f"method={method}"])
+            config = load_config(cfg, check=False)
+            config.training.packing = "false"
+            config.training.per_device_train_batch_size = _count(
+                options, "batch", config.training.per_device_train_batch_size
+            )
+            device = _device(options, config)
+            tokens, plan = longest_context(config, device)
+            config.training.activation_offloading = True
+            offloaded, offloaded_plan = longest_context(config, device)
+            rows.append({
+                "model": size, "method": method, "launch": plan.launch, "gpus": plan.gpus,
+                "batch": plan.batch, "max_context": tokens, "peak_bytes_per_gpu": plan.peak_bytes_per_gpu,
+                "max_context_offloaded": offloaded if device.kind == "cuda" else None,
+                "peak_bytes_per_gpu_offloaded": offloaded_plan.peak_bytes_per_gpu,
+                "host_bytes_offloaded": offloaded_plan.host_bytes_per_node["offloaded_activations"],
+                "kernels": plan.kernels,
+            })  # fmt: skip
+    return {"device": device.name, "usable_bytes": plan.usable_bytes, "rows": rows}
+
+
+def format_context_table(table: dict) -> str:
+    def tokens(value) -> str:
+        return "n/a (GPU only)" if value is None else f"{value:,}" if value else "none"
+
+    lines = [
+        f"longest context that fits on {table['device']} ({gib(table['usable_bytes'])} usable per GPU), "
+        f"in steps of {CONTEXT_STEP:,} tokens, up to max_position_embeddings:",
+        f"{'model':<6}{'method':<7}{'launch':<22}{'context':>10}{'peak':>13}   {'offloaded':>14}{'peak':>13}"
+        f"{'host RAM':>14}",
+    ]
+    for row in table["rows"]:
+        launch = f"{row['launch']} x{row['gpus']}, batch {row['batch']}"
+        lines.append(
+            f"{row['model']:<6}{row['method']:<7}{launch:<22}{tokens(row['max_context']):>10}"
+            f"{gib(row['peak_bytes_per_gpu']):>13}   {tokens(row['max_context_offloaded']):>14}"
+            f"{gib(row['peak_bytes_per_gpu_offloaded']):>13}{gib(row['host_bytes_offloaded']):>14}"
+        )
+    kernels = table["rows"][0]["kernels"]
+    liger, offload = ("on" if kernels[key] else "off" for key in ("liger", "offload"))
+    lines += [
+        "",
+        f"context: as configured, one sequence per row (Liger kernels {liger}, activation offloading "
+        f"{offload}); offloaded: with training.activation_offloading=true (host RAM per node for it). The "
+        "loss goes through TRL's fused LM head (no full logits) on a GPU.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     """Compose the config tree with the non-planner arguments as overrides, print the plan."""
     from train.config import ConfigError, compose_config, load_config
 
     options = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in PLANNER_OPTIONS)
     overrides = [a for a in argv if a.split("=", 1)[0] not in PLANNER_OPTIONS]
+    if options.get("max_context", "false") not in ("true", "false"):
+        print(f"error: max_context: {options['max_context']!r}; use max_context=true", file=sys.stderr)
+        return 2
+    if options.get("max_context") == "true":
+        try:
+            table = context_table([o for o in overrides if not o.startswith(("model=", "method="))], options)
+        except (ConfigError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(table, indent=1) if options.get("output") == "json" else format_context_table(table))
+        return 0
     cfg = compose_config(overrides)
     try:
         config = load_config(cfg, check=False)

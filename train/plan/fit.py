@@ -7,21 +7,37 @@ import dataclasses
 
 from train.config import Config, ConfigError
 from train.plan.device import Device
-from train.plan.memory import reference_model
+from train.plan.memory import Kernels, reference_model
 from train.plan.report import gib
 from train.plan.run import MemoryPlan, plan_memory
 
 
 def plan_run(config: Config, device: Device, usable_fraction: float = 0.9) -> MemoryPlan:
     """The plan of the composed training run: seq_len = training.max_length, batch =
-    per_device_train_batch_size, its optimizer, accumulation, stage and reference model."""
+    per_device_train_batch_size, its optimizer, accumulation, stage, reference model and fast path."""
     training = config.training
     return plan_memory(
         config.model, config.method, config.launch, seq_len=training.max_length,
         batch=training.per_device_train_batch_size, optim=training.optim,
         accumulation=training.gradient_accumulation_steps, device=device, usable_fraction=usable_fraction,
-        stage=config.stage.name, reference=reference_model(config),
+        stage=config.stage.name, reference=reference_model(config), kernels=planned_kernels(config, device),
     )  # fmt: skip
+
+
+def planned_kernels(config: Config, device: Device) -> Kernels:
+    """The fast path a run on ``device`` takes (train/fast_path.py ``resolve``: ``auto`` decided for a GPU
+    or not; Liger and flash-attn as installed here, so a plan made on a login node without them counts the
+    plainer path, which needs more memory)."""
+    from train.fast_path import attention, resolve
+
+    on_gpu = device.kind == "cuda"
+    path = resolve(config.training, config.stage.name, attention(config.model.attn_implementation, on_gpu),
+                   on_gpu)  # fmt: skip
+    return Kernels(
+        liger=path.use_liger_kernel,
+        offload=path.activation_offloading and on_gpu,
+        packed_mask=path.packing and path.attention == "sdpa",
+    )
 
 
 def fit_problems(config: Config, device: Device | None = None, usable_fraction: float = 0.9) -> list[str]:

@@ -108,8 +108,29 @@ def autocast_copy_bytes(model: ModelConfig, method: MethodConfig, strategy: str)
     return compute_bytes(model) * linears
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """What the fast path (train/fast_path.py) changes in what a step keeps, as the planner counts it."""
+
+    liger: bool = False  # Liger's RMSNorm and SwiGLU kernels
+    offload: bool = False  # TRL's activation offloading
+    packed_mask: bool = False  # packed rows under sdpa: a block-diagonal mask of seq² per row
+
+
+PLAIN = Kernels()  # no fast path: what a CPU run computes with
+
+# trl 1.16 models/activation_offloading.py: OffloadActivations' max_fwd_stash_size, the tensors kept on the
+# GPU as the forward moves on (and brought back ahead of the backward)
+OFFLOAD_STASH = 5
+
+
 def activation_bytes(
-    model: ModelConfig, method: MethodConfig, tokens: int, checkpointing: bool, strategy: str = "single"
+    model: ModelConfig,
+    method: MethodConfig,
+    tokens: int,
+    checkpointing: bool,
+    strategy: str = "single",
+    kernels: Kernels = PLAIN,
 ) -> int:
     """What the backward pass keeps for ``tokens`` (batch x seq) tokens, sdpa/flash attention (no s² term).
 
@@ -120,22 +141,66 @@ def activation_bytes(
     the dropout's mask or output (2 x compute; 1 x without dropout), and r outputs per token.
     With checkpointing, each layer keeps only its input and one layer is recomputed at a time.
     Frozen Linears keep less (no input for a weight gradient): LoRA measures ~30% under this count.
+    Liger's RMSNorm keeps its input as it is and one fp32 reciprocal RMS per token instead of an fp32
+    copy; its SwiGLU keeps gate and up and recomputes silu (liger_kernel/ops/rms_norm.py, swiglu.py).
+    With activation offloading the forward's kept tensors go to host RAM (``offloaded_activation_bytes``)
+    and the GPU holds what one layer's backward needs, plus the offloader's stash of tensors in flight.
     """
     compute = compute_bytes(model)
     residual = 4 if fp32_residual(method, strategy) else compute
     hidden = model.hidden_size
+    per_token = _layer_bytes_per_token(model, method, strategy, kernels)
+    layers = model.num_hidden_layers
+    final_norm = 4 * hidden + residual * hidden
+    if kernels.offload:  # the stash: the forward's kept tensors, layer inputs under checkpointing
+        stashed = residual * hidden if checkpointing else compute * model.intermediate_size
+        return tokens * (per_token + final_norm + OFFLOAD_STASH * stashed)
+    kept = (layers * residual * hidden + per_token) if checkpointing else layers * per_token
+    return tokens * (kept + final_norm)
+
+
+def _layer_bytes_per_token(model: ModelConfig, method: MethodConfig, strategy: str, kernels: Kernels) -> int:
+    """What one decoder layer keeps per token for its backward (``activation_bytes``)."""
+    compute = compute_bytes(model)
+    residual = 4 if fp32_residual(method, strategy) else compute
+    hidden, intermediate = model.hidden_size, model.intermediate_size
     kv = model.num_key_value_heads * hidden // model.num_attention_heads
-    per_token = 2 * (4 * hidden + residual * hidden) + compute * (
-        3 * hidden + 2 * kv + 4 * model.intermediate_size
-    )
+    norms = 2 * (residual * hidden + 4 + residual * hidden) if kernels.liger else 2 * (4 + residual) * hidden
+    mlp = (3 if kernels.liger else 4) * intermediate  # gate, up, (silu(gate),) their product
+    per_token = norms + compute * (3 * hidden + 2 * kv + mlp)
     if method.name != "full":
         shapes = linear_shapes(model)
         per_input = 2 * compute if method.lora_dropout else compute
         per_token += sum(per_input * shapes[t][0] + compute * method.r for t in lora_targets(method))
-    layers = model.num_hidden_layers
-    kept = (layers * residual * hidden + per_token) if checkpointing else layers * per_token
-    final_norm = 4 * hidden + residual * hidden
-    return tokens * (kept + final_norm)
+    return per_token
+
+
+def offloaded_activation_bytes(
+    model: ModelConfig,
+    method: MethodConfig,
+    tokens: int,
+    checkpointing: bool,
+    strategy: str,
+    kernels: Kernels,
+) -> int:
+    """Host RAM that activation offloading fills, per process: every layer's input with checkpointing
+    (what the forward keeps), every layer's activations without."""
+    if not kernels.offload:
+        return 0
+    residual = 4 if fp32_residual(method, strategy) else compute_bytes(model)
+    per_layer = (
+        residual * model.hidden_size
+        if checkpointing
+        else _layer_bytes_per_token(model, method, strategy, kernels)
+    )
+    return tokens * model.num_hidden_layers * per_layer
+
+
+def attention_mask_bytes(seq_len: int, rows: int, compute: int, kernels: Kernels) -> int:
+    """Packed rows under sdpa: transformers' block-diagonal bool mask (seq² per row), which PyTorch turns
+    into an additive bias in the compute dtype for its memory-efficient kernel; nothing under
+    FlashAttention-2 varlen, or without packing (a causal mask is implicit)."""
+    return rows * seq_len * seq_len * (1 + compute) if kernels.packed_mask else 0
 
 
 def lm_head_bytes(
@@ -199,7 +264,14 @@ def reference_bytes(model: ModelConfig, method: MethodConfig, reference: str) ->
 
 
 # ── per GPU under a launch strategy ─────────────────────────────────────────────────────
-_WORKING = ("gradients", "autocast_copies", "activations", "lm_head_loss", "step_temporaries")
+_WORKING = (
+    "gradients",
+    "autocast_copies",
+    "activations",
+    "attention_mask",
+    "lm_head_loss",
+    "step_temporaries",
+)
 
 
 def frozen_bytes(model: ModelConfig, method: MethodConfig) -> int:
@@ -240,12 +312,17 @@ def per_gpu_bytes(
     accumulation: int = 1,
     reference: str = "none",
     on_gpu: bool = True,
+    kernels: Kernels = PLAIN,
+    seq_len: int | None = None,
 ) -> dict[str, int]:
     """Each part of one GPU's memory (one process's, ``on_gpu=False``), and the ``peak``: the resident
-    states plus the larger of the backward's working set (autocast copies, activations, LM head) and the
-    optimizer step (gradients, temporaries). ``reference``: the DPO/KTO reference model kept beside it
+    states plus the larger of the backward's working set (autocast copies, activations, a packed batch's
+    attention mask, LM head) and the optimizer step (gradients, temporaries). ``kernels``: the fast
+    path's effect on activations (``activation_bytes``); ``seq_len``: the row length of ``tokens``, for
+    the packed mask (default: one row). ``reference``: the DPO/KTO reference model kept beside it
     (``REFERENCES``), sharded like the weights (TRL prepares it with the same FSDP/ZeRO-3 engine; ZeRO-3
-    offload keeps it in CPU memory). ``cpu_total``: what ZeRO-3 offload keeps in host RAM, all GPUs.
+    offload keeps it in CPU memory). ``cpu_total``: what ZeRO-3 offload keeps in host RAM, all GPUs;
+    ``offloaded_activations``: what activation offloading keeps in host RAM, this process.
 
     The trainer frees torch's gradients after each step (``zero_grad(set_to_none=True)``), and they grow
     as the backward frees activations, so the two phases do not add up; with ``accumulation`` > 1 the
@@ -280,11 +357,15 @@ def per_gpu_bytes(
     parts["gathered_unit"] = gathered_unit_bytes(model, method) if strategy in SHARDED else 0
     parts["ddp_buckets"] = parts["gradients"] if strategy == "ddp" else 0  # gradient_as_bucket_view=False
     parts["autocast_copies"] = autocast_copy_bytes(model, method, strategy)
-    parts["activations"] = activation_bytes(model, method, tokens, model.gradient_checkpointing, strategy)
+    checkpointing = model.gradient_checkpointing
+    parts["activations"] = activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
+    seq_len = seq_len or tokens
+    parts["attention_mask"] = attention_mask_bytes(seq_len, tokens // seq_len, compute_bytes(model), kernels)
     parts["lm_head_loss"] = lm_head_bytes(model, method, tokens, strategy, fused=on_gpu)
+    offloaded = offloaded_activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
     working = [k for k in _WORKING if not (k == "gradients" and strategy in DEEPSPEED)]
     resident = sum(v for k, v in parts.items() if k not in working)
-    backward = parts["autocast_copies"] + parts["activations"] + parts["lm_head_loss"]
+    backward = sum(parts[k] for k in ("autocast_copies", "activations", "attention_mask", "lm_head_loss"))
     step = parts["step_temporaries"]
     grads = parts["gradients"] if "gradients" in working else 0
     if accumulation > 1:
@@ -292,6 +373,7 @@ def per_gpu_bytes(
     else:
         parts["peak"] = resident + max(backward, grads + step)
     parts["cpu_total"] = cpu_total
+    parts["offloaded_activations"] = offloaded
     return parts
 
 

@@ -30,10 +30,16 @@ def _host_lines(plan: MemoryPlan) -> list[str]:
         if plan.method == "full"
         else "the adapter only"
     )
+    offloaded = plan.host_bytes_per_node.get("offloaded_activations", 0)
     return [
         "host RAM per node:",
         f"  {'load':<16}{gib(load):>17}  ({how})",
         f"  {'final save':<16}{gib(save):>17}  ({saving})",
+        *(
+            [f"  {'activations':<16}{gib(offloaded):>17}  (offloaded by training.activation_offloading)"]
+            if offloaded
+            else []
+        ),  # fmt: skip
         f"checkpoint        {gib(plan.checkpoint_bytes):>17}  each save, all ranks together (trainable "
         "weights, fp32 master, optimizer moments)",
     ]
@@ -62,6 +68,7 @@ def format_plan(plan: MemoryPlan) -> str:
         "Linears; embeddings, LM head, norms stay bf16)",
         f"KV cache (bf16)   {plan.kv_cache_bytes_per_token:>17,} bytes per token; "
         + ", ".join(f"{t:,} tokens {gib(b, 3)}" for t, b in plan.kv_cache_bytes.items()),
+        f"fast path         {_kernels_line(plan)}",
         f"activations       {gib(plan.activations_bytes['with_checkpointing']):>17}  with checkpointing, "
         f"{gib(plan.activations_bytes['without_checkpointing'])} without; full fp32 logits would add "
         f"{gib(plan.logits_unfused_bytes)}",
@@ -87,8 +94,18 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
+def _kernels_line(plan: MemoryPlan) -> str:
+    kernels = plan.kernels
+    return (
+        f"Liger kernels {'on' if kernels['liger'] else 'off'}, activation offloading "
+        f"{'on' if kernels['offload'] else 'off'}, "
+        + ("packed rows under sdpa (a seq² mask per row)" if kernels["packed_mask"] else "no dense mask")
+        + " (train/fast_path.py)"
+    )
+
+
 def _peak_rule(plan: MemoryPlan) -> str:
-    backward = "autocast_copies + activations + lm_head_loss"
+    backward = "autocast_copies + activations + attention_mask + lm_head_loss"
     if plan.strategy in ("zero2", "zero3", "zero3_offload"):  # DeepSpeed's gradient partitions are resident
         return f"resident (gradient partitions included) + max({backward}, step_temporaries)"
     if plan.gradient_accumulation_steps > 1:

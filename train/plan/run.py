@@ -17,7 +17,9 @@ from train.plan.device import Device
 from train.plan.memory import (
     DEEPSPEED,
     KV_TABLE_TOKENS,
+    PLAIN,
     SAVE_SHARD_BYTES,
+    Kernels,
     activation_bytes,
     checkpoint_bytes,
     compute_bytes,
@@ -58,6 +60,8 @@ def recommend(
     usable_fraction: float = 0.9,
     gpus_per_node: int = 8,
     reference: str = "none",
+    kernels: Kernels = PLAIN,
+    seq_len: int | None = None,
 ) -> Recommendation | None:
     """The fewest GPUs of this size that fit the run, and the first strategy (in ``STRATEGIES`` order:
     single, ddp, zero2, fsdp, zero3) that fits there; ZeRO-3 offload only when none fits at any count.
@@ -71,7 +75,7 @@ def recommend(
     def peak(strategy: str, gpus: int) -> int:
         parts = per_gpu_bytes(
             model, method, strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
-            reference=reference,
+            reference=reference, kernels=kernels, seq_len=seq_len,
         )  # fmt: skip
         return parts["peak"]
 
@@ -123,6 +127,7 @@ class MemoryPlan:
     kv_cache_bytes_per_token: int
     kv_cache_bytes: dict[int, int]
     activations_bytes: dict[str, int]
+    kernels: dict[str, bool]  # the fast path as counted (memory.Kernels): liger, offload, packed_mask
     logits_unfused_bytes: int
     per_gpu_bytes: dict[str, int]
     peak_bytes_per_gpu: int
@@ -143,6 +148,9 @@ class MemoryPlan:
         return out
 
 
+_NOT_PER_GPU = ("peak", "cpu_total", "offloaded_activations")
+
+
 def plan_memory(
     model: ModelConfig,
     method: MethodConfig,
@@ -156,12 +164,14 @@ def plan_memory(
     usable_fraction: float = 0.9,
     stage: str = "sft",
     reference: str = "none",
+    kernels: Kernels = PLAIN,
 ) -> MemoryPlan:
     """The plan for this run on ``launch`` (its strategy, its num_processes x num_machines GPUs) on
     ``device`` (default: the GPUs the launch names, ``Device.configured``), plus the smallest launch
     that fits on GPUs of that size (on a CPU device: on the launch's GPUs).
 
-    ``usable_fraction``: see ``recommend``; ``stage``: ``step_tokens``; ``reference``: ``per_gpu_bytes``.
+    ``usable_fraction``: see ``recommend``; ``stage``: ``step_tokens``; ``reference``, ``kernels``:
+    ``per_gpu_bytes``.
     """
     device = device or Device.configured(launch)
     resolved = device.resolve(model)
@@ -171,13 +181,15 @@ def plan_memory(
     memory = device.memory_per_process(launch.num_processes)
     parts = per_gpu_bytes(
         resolved, method, launch.strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
-        reference=reference, on_gpu=on_gpu,
+        reference=reference, on_gpu=on_gpu, kernels=kernels, seq_len=seq_len,
     )  # fmt: skip
     gpu = device if on_gpu else Device.configured(launch)
+    host = host_bytes_per_node(resolved, method, launch.strategy, launch.num_processes, reference)
+    host["offloaded_activations"] = launch.num_processes * parts["offloaded_activations"]
     kv = kv_cache_bytes_per_token(model)
     checkpointing = {
-        "with_checkpointing": activation_bytes(resolved, method, tokens, True, launch.strategy),
-        "without_checkpointing": activation_bytes(resolved, method, tokens, False, launch.strategy),
+        "with_checkpointing": activation_bytes(resolved, method, tokens, True, launch.strategy, kernels),
+        "without_checkpointing": activation_bytes(resolved, method, tokens, False, launch.strategy, kernels),
     }
     return MemoryPlan(
         model=model.name, method=method.name, launch=launch.name, strategy=launch.strategy, gpus=gpus,
@@ -187,17 +199,18 @@ def plan_memory(
         compute_dtype=resolved.dtype, params=count_parameters(model),
         trainable_params=trainable_parameters(model, method), weights_bytes=weight_bytes(model),
         kv_cache_bytes_per_token=kv, kv_cache_bytes={t: t * kv for t in KV_TABLE_TOKENS},
-        activations_bytes=checkpointing, logits_unfused_bytes=tokens * model.vocab_size * 4,
-        per_gpu_bytes={k: v for k, v in parts.items() if k not in ("peak", "cpu_total")},
+        activations_bytes=checkpointing, kernels=dataclasses.asdict(kernels),
+        logits_unfused_bytes=tokens * model.vocab_size * 4,
+        per_gpu_bytes={k: v for k, v in parts.items() if k not in _NOT_PER_GPU},
         peak_bytes_per_gpu=parts["peak"], cpu_bytes_per_node=-(-parts["cpu_total"] // launch.num_machines),
-        host_bytes_per_node=host_bytes_per_node(resolved, method, launch.strategy, launch.num_processes,
-                                                reference),
+        host_bytes_per_node=host,
         checkpoint_bytes=checkpoint_bytes(resolved, method, launch.strategy, optim),
         gpu_memory_bytes=memory, usable_bytes=int(usable_fraction * memory),
         fits=parts["peak"] <= usable_fraction * memory,
         recommended=recommend(gpu.resolve(model), method, tokens=tokens, optim=optim,
                               gpu_memory_bytes=gpu.memory_bytes, accumulation=accumulation,
-                              usable_fraction=usable_fraction, reference=reference),
+                              usable_fraction=usable_fraction, reference=reference, kernels=kernels,
+                              seq_len=seq_len),
         recommended_on=gpu.name,
         assumptions=_assumptions(model, resolved, method, launch.strategy, optim, usable_fraction, device),
     )  # fmt: skip
