@@ -41,13 +41,21 @@ def accelerate_arguments(config: Config, overrides: list[str]) -> list[str]:
 
 
 def process_arguments(config: Config) -> list[str]:
-    """The config file and the process and machine counts, as ``accelerate launch`` takes them."""
+    """The config file, the process and machine counts and context parallelism's sizes, as ``accelerate
+    launch`` takes them."""
     launch = config.launch
     arguments = []
     if launch.accelerate_config:
         arguments += ["--config_file", str(REPO / launch.accelerate_config)]
     total = launch.num_processes * launch.num_machines
-    return arguments + ["--num_processes", str(total), "--num_machines", str(launch.num_machines)]
+    arguments += ["--num_processes", str(total), "--num_machines", str(launch.num_machines)]
+    if (
+        launch.cp_size > 1
+    ):  # accelerate's ParallelismConfig: FSDP2 shards over dp_shard x cp, cp splits sequences
+        shards = str(total // launch.cp_size)
+        arguments += ["--use_parallelism_config", "--parallelism_config_dp_shard_size", shards,
+                      "--parallelism_config_cp_size", str(launch.cp_size)]  # fmt: skip
+    return arguments
 
 
 def train_overrides(overrides: list[str]) -> tuple[Path, list[str]]:

@@ -145,3 +145,55 @@ def test_the_planner_finds_131072_tokens_of_8b_qlora_in_80_gib_with_offloading()
     assert row["max_context_offloaded"] == 131_072 and row["peak_bytes_per_gpu_offloaded"] < 72 * GIB
     assert 64 * 1024 <= row["max_context"] < 131_072  # without offloading (nor Liger, not installed here)
     assert row["host_bytes_offloaded"] == 131_072 * 32 * 2 * 4096
+
+
+# ── context parallelism (launch.cp_size): configured, checked and planned here; it runs on GPUs only ─────
+CP = ("launch=fsdp", "launch.num_processes=8", "launch.cp_size=4")
+
+
+def test_context_parallelism_reaches_accelerate_and_trl(tmp_path):
+    from launch.__main__ import process_arguments
+
+    config = load_config(composed(*CP))
+    arguments = process_arguments(config)
+    assert arguments[arguments.index("--num_processes") :] == [
+        "--num_processes", "8", "--num_machines", "1", "--use_parallelism_config",
+        "--parallelism_config_dp_shard_size", "2", "--parallelism_config_cp_size", "4",
+    ]  # fmt: skip
+    assert config.model.attn_implementation == "sdpa"  # auto: torch shards SDPA only
+    on_gpu = resolve(config.training, "sft", "sdpa", on_gpu=True, context_parallel=4)
+    assert not on_gpu.packing  # auto: context parallelism keeps whole causal sequences
+    with pytest.raises(ConfigError, match="launch.cp_size=4: torch's context parallelism shards SDPA's CUDA"):
+        training_args(config, tmp_path, torch.float32)  # this CPU: each rank would see its own shard only
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("launch=zero3", "launch.num_processes=8", "launch.cp_size=4"),
+         "launch.cp_size=4: context parallelism runs over FSDP2 (accelerate); use launch=fsdp"),
+        (("launch=fsdp", "launch.num_processes=6", "launch.cp_size=4"),
+         "launch.cp_size=4: 6 process(es) do not split into groups of 4"),
+        ((*CP, "training.packing=true"), "launch.cp_size=4: context parallelism keeps only causal masks"),
+        ((*CP, "model.attn_implementation=flash_attention_2"), "context parallelism shards SDPA only"),
+        ((*CP, "stage=dpo", "data=preference_sample"), "launch.cp_size=4: SFT only (stage=dpo)"),
+    ],
+)  # fmt: skip
+def test_context_parallelism_it_cannot_run_is_refused_when_the_config_loads(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(composed(*overrides))
+
+
+def test_context_parallelism_divides_what_each_token_costs_per_gpu():
+    from train.plan import plan_memory
+    from train.plan.device import Device
+
+    def plan(cp: int):
+        config = load_config(composed("model=8b", "method=qlora", "launch=fsdp", "launch.num_processes=8",
+                                      f"launch.cp_size={cp}"), check=False)  # fmt: skip
+        return plan_memory(config.model, config.method, config.launch, seq_len=131_072, batch=1,
+                           device=Device.gpu(80 * GIB)).per_gpu_bytes  # fmt: skip
+
+    alone, split = plan(1), plan(8)
+    assert split["activations"] * 8 == pytest.approx(alone["activations"], rel=1e-6)
+    assert split["weights"] == alone["weights"]  # FSDP shards over all 8 GPUs either way

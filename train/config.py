@@ -139,6 +139,7 @@ class LaunchConfig:
     nodes: int | None = None  # launch=slurm: nodes of the job (num_machines follows it)
     gpus_per_node: int | None = None  # launch=slurm: GPUs per node (num_processes follows); 0: a CPU job
     slurm: SlurmConfig | None = None  # launch=slurm: the sbatch job
+    cp_size: int = 1  # context parallelism: each sequence split over this many GPUs (FSDP2, SFT, a GPU)
 
 
 @dataclass
@@ -336,6 +337,42 @@ def validate(config: Config) -> list[str]:
         )
     problems += _launch_problems(config.launch)
     problems += _stage_problems(config)
+    problems += _context_parallel_problems(config)
+    return problems
+
+
+def _context_parallel_problems(config: Config) -> list[str]:
+    """``launch.cp_size``: accelerate's context parallelism (torch's ring attention over the FSDP2 mesh)
+    splits each sequence over ``cp_size`` GPUs; it needs FSDP2, SDPA attention (what torch shards), whole
+    unpacked sequences (it replaces the mask by ``is_causal``: TRL refuses packing) and SFT."""
+    launch, cp = config.launch, config.launch.cp_size
+    if cp == 1:
+        return []
+    if cp < 1:
+        return [f"launch.cp_size: {cp}; at least 1 (1: no context parallelism)"]
+    problems = []
+    world = launch.num_processes * launch.num_machines
+    if launch.strategy != "fsdp":
+        problems.append(
+            f"launch.cp_size={cp}: context parallelism runs over FSDP2 (accelerate); use launch=fsdp"
+        )
+    if world % cp:
+        problems.append(
+            f"launch.cp_size={cp}: {world} process(es) do not split into groups of {cp}; use a divisor of "
+            f"{world}"
+        )
+    if config.stage.name != "sft":
+        problems.append(f"launch.cp_size={cp}: SFT only (stage={config.stage.name}); use launch.cp_size=1")
+    if switch(config.training, "packing") == "true":
+        problems.append(
+            f"launch.cp_size={cp}: context parallelism keeps only causal masks, so packed sequences would "
+            "attend to each other; use training.packing=auto (off under context parallelism) or false"
+        )
+    if config.model.attn_implementation not in ("auto", "sdpa"):
+        problems.append(
+            f"model.attn_implementation={config.model.attn_implementation}: context parallelism shards SDPA "
+            "only; use model.attn_implementation=sdpa (or auto)"
+        )
     return problems
 
 
@@ -592,4 +629,6 @@ def load_config(cfg: DictConfig, *, check: bool = True) -> Config:
     problems += validate(config) if check else []
     if problems:
         raise ConfigError("the config cannot run:\n  " + "\n  ".join(problems))
+    if config.launch.cp_size > 1 and config.model.attn_implementation == "auto":
+        config.model.attn_implementation = "sdpa"  # torch's context parallelism shards SDPA only
     return config

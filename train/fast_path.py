@@ -63,31 +63,42 @@ class FastPath:
         )
 
 
-def attention(requested: str, on_gpu: bool) -> str:
+def attention(requested: str, on_gpu: bool, context_parallel: int = 1) -> str:
     """``model.attn_implementation``; ``auto``: FlashAttention-2 on a GPU where flash-attn is installed,
-    else PyTorch's sdpa."""
+    else PyTorch's sdpa (always sdpa under context parallelism: torch shards SDPA only)."""
     if requested != "auto":
         return requested
-    return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    flash = on_gpu and context_parallel == 1 and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash else "sdpa"
 
 
-def resolve(training: TrainingConfig, stage: str, attention: str, on_gpu: bool) -> FastPath:
+def resolve(
+    training: TrainingConfig, stage: str, attention: str, on_gpu: bool, context_parallel: int = 1
+) -> FastPath:
     """The switches with ``auto`` decided for a device (a GPU or not), nothing checked: what a run there
-    uses, and what the planner counts (train/plan/fit.py)."""
+    uses, and what the planner counts (train/plan/fit.py). Context parallelism keeps rows unpacked."""
     packing, liger = switch(training, "packing"), switch(training, "use_liger_kernel")
     installed = importlib.util.find_spec("liger_kernel") is not None
     return FastPath(
-        packing=packing == "true" or (packing == "auto" and on_gpu and stage == "sft"),
+        packing=packing == "true"
+        or (packing == "auto" and on_gpu and stage == "sft" and context_parallel == 1),
         use_liger_kernel=liger == "true" or (liger == "auto" and on_gpu and installed),
         activation_offloading=bool(training.activation_offloading),
         attention=attention,
     )
 
 
-def fast_path(training: TrainingConfig, stage: str, attention: str, on_gpu: bool) -> FastPath:
+def fast_path(
+    training: TrainingConfig, stage: str, attention: str, on_gpu: bool, context_parallel: int = 1
+) -> FastPath:
     """``resolve`` for this device, refusing what cannot run here (ConfigError naming the key and the
     fix). ``attention`` is what the model computes with (``attention`` above)."""
     problems = switch_problems(training, stage)
+    if context_parallel > 1 and not on_gpu:
+        problems.append(
+            f"launch.cp_size={context_parallel}: torch's context parallelism shards SDPA's CUDA kernels; on "
+            "a CPU each process would attend within its own part of the sequence only; use launch.cp_size=1"
+        )
     liger = switch(training, "use_liger_kernel")
     if liger == "true" and not on_gpu:
         problems.append(
@@ -106,4 +117,4 @@ def fast_path(training: TrainingConfig, stage: str, attention: str, on_gpu: bool
         )
     if problems:
         raise ConfigError("; ".join(problems))
-    return resolve(training, stage, attention, on_gpu)
+    return resolve(training, stage, attention, on_gpu, context_parallel)

@@ -50,9 +50,12 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
     if "eval_strategy" not in training:  # evaluate when there is something to evaluate on (data.eval_*)
         training["eval_strategy"] = "steps" if config.data.eval_split or config.data.eval_path else "no"
     use_cpu = not torch.cuda.is_available()
-    path = fast_path(config.training, stage, attention_implementation(config.model.attn_implementation),
-                     on_gpu=not use_cpu)  # fmt: skip
+    cp = config.launch.cp_size
+    path = fast_path(config.training, stage, attention_implementation(config.model.attn_implementation, cp),
+                     on_gpu=not use_cpu, context_parallel=cp)  # fmt: skip
     training.update(path.trl_settings())  # auto resolved for this device
+    if cp > 1:  # torch's context parallelism splits each sequence into 2 x cp_size chunks (load balancing)
+        training["pad_to_multiple_of"] = 2 * cp
     logging.getLogger("train").info(path.describe())
     if stage != "sft":
         training.pop("packing")

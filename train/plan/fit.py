@@ -30,9 +30,9 @@ def planned_kernels(config: Config, device: Device) -> Kernels:
     plainer path, which needs more memory)."""
     from train.fast_path import attention, resolve
 
-    on_gpu = device.kind == "cuda"
-    path = resolve(config.training, config.stage.name, attention(config.model.attn_implementation, on_gpu),
-                   on_gpu)  # fmt: skip
+    on_gpu, cp = device.kind == "cuda", config.launch.cp_size
+    chosen = attention(config.model.attn_implementation, on_gpu, cp)
+    path = resolve(config.training, config.stage.name, chosen, on_gpu, cp)
     return Kernels(
         liger=path.use_liger_kernel,
         offload=path.activation_offloading and on_gpu,

@@ -314,15 +314,17 @@ def per_gpu_bytes(
     on_gpu: bool = True,
     kernels: Kernels = PLAIN,
     seq_len: int | None = None,
+    context_parallel: int = 1,
 ) -> dict[str, int]:
     """Each part of one GPU's memory (one process's, ``on_gpu=False``), and the ``peak``: the resident
     states plus the larger of the backward's working set (autocast copies, activations, a packed batch's
     attention mask, LM head) and the optimizer step (gradients, temporaries). ``kernels``: the fast
     path's effect on activations (``activation_bytes``); ``seq_len``: the row length of ``tokens``, for
-    the packed mask (default: one row). ``reference``: the DPO/KTO reference model kept beside it
-    (``REFERENCES``), sharded like the weights (TRL prepares it with the same FSDP/ZeRO-3 engine; ZeRO-3
-    offload keeps it in CPU memory). ``cpu_total``: what ZeRO-3 offload keeps in host RAM, all GPUs;
-    ``offloaded_activations``: what activation offloading keeps in host RAM, this process.
+    the packed mask (default: one row); ``context_parallel``: GPUs each sequence is split over
+    (launch.cp_size), which divides what every token costs. ``reference``: the DPO/KTO reference model
+    kept beside it (``REFERENCES``), sharded like the weights (TRL prepares it with the same FSDP/ZeRO-3
+    engine; ZeRO-3 offload keeps it in CPU memory). ``cpu_total``: what ZeRO-3 offload keeps in host
+    RAM, all GPUs; ``offloaded_activations``: what activation offloading keeps in host RAM, this process.
 
     The trainer frees torch's gradients after each step (``zero_grad(set_to_none=True)``), and they grow
     as the backward frees activations, so the two phases do not add up; with ``accumulation`` > 1 the
@@ -358,9 +360,11 @@ def per_gpu_bytes(
     parts["ddp_buckets"] = parts["gradients"] if strategy == "ddp" else 0  # gradient_as_bucket_view=False
     parts["autocast_copies"] = autocast_copy_bytes(model, method, strategy)
     checkpointing = model.gradient_checkpointing
-    parts["activations"] = activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
     seq_len = seq_len or tokens
-    parts["attention_mask"] = attention_mask_bytes(seq_len, tokens // seq_len, compute_bytes(model), kernels)
+    rows = tokens // seq_len
+    tokens = -(-tokens // context_parallel)  # this GPU's part of every sequence
+    parts["activations"] = activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
+    parts["attention_mask"] = attention_mask_bytes(seq_len, rows, compute_bytes(model), kernels)
     parts["lm_head_loss"] = lm_head_bytes(model, method, tokens, strategy, fused=on_gpu)
     offloaded = offloaded_activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
     working = [k for k in _WORKING if not (k == "gradients" and strategy in DEEPSPEED)]

@@ -181,7 +181,7 @@ def plan_memory(
     memory = device.memory_per_process(launch.num_processes)
     parts = per_gpu_bytes(
         resolved, method, launch.strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
-        reference=reference, on_gpu=on_gpu, kernels=kernels, seq_len=seq_len,
+        reference=reference, on_gpu=on_gpu, kernels=kernels, seq_len=seq_len, context_parallel=launch.cp_size,
     )  # fmt: skip
     gpu = device if on_gpu else Device.configured(launch)
     host = host_bytes_per_node(resolved, method, launch.strategy, launch.num_processes, reference)
