@@ -70,6 +70,22 @@ def run_train(
     )
 
 
+def bench_dry_run(script: str, *arguments: str, out: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """``python bench/<script> <arguments> --out <out>`` as its CPU dry run (CUDA hidden, so on a GPU machine
+    too): it must exit 0 and say so; the process and the JSON report it wrote."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, f"bench/{script}", *arguments, "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "CPU DRY RUN" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["dry_run"] is True
+    return result, report
+
+
 @pytest.fixture(scope="session")
 def shared_launch(tmp_path_factory):
     """``test_launch.launched``, run once per session for each (launch, overrides): real 2-process runs cost

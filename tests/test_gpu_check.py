@@ -3,29 +3,17 @@ when a GPU machine is next at hand."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO
+from conftest import bench_dry_run
 
 pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_runs_as_a_cpu_dry_run(tmp_path):
-    out = tmp_path / "gpu_check.json"
-    result = subprocess.run(
-        # lora's path is every other run of the suite; the two the GPU check adds are QLoRA's and full's
-        [sys.executable, "bench/gpu_check.py", "--methods", "qlora", "full", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # a dry run on a GPU machine too
-    )  # fmt: skip
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "CPU DRY RUN" in result.stdout
-    report = json.loads(out.read_text())
-    assert report["dry_run"] is True
+    # lora's path is every other run of the suite; the two the GPU check adds are QLoRA's and full's
+    result, report = bench_dry_run(
+        "gpu_check.py", "--methods", "qlora", "full", out=tmp_path / "gpu_check.json"
+    )
     assert [run["method"] for run in report["runs"]] == ["qlora", "full"]
     for run in report["runs"]:
         assert run["planned_peak_bytes"] > 0 and run["measured_peak_bytes"] > 0, run
