@@ -60,8 +60,16 @@ def _zero_strategy(environ) -> str:
 def launch_from_environment(launch: LaunchConfig, explicit: bool, environ=os.environ) -> LaunchConfig:
     """The launch this run is: ``launch`` when nothing launched it or when it agrees with the launcher;
     the launcher's (named ``accelerate``) when ``launch=`` was not chosen explicitly; else ConfigError,
-    naming both and the two ways out."""
+    naming both and the two ways out. A ``launch=`` of several processes that nothing launched is refused
+    too, before anything loads."""
     launched = launched_strategy(environ)
+    processes = launch.num_processes * launch.num_machines
+    if launched is None and explicit and processes > 1:
+        raise ConfigError(
+            f"launch={launch.name} asks for {processes} process(es) with {launch.strategy}, but this process "
+            "was started alone (no WORLD_SIZE: not by accelerate launch or torchrun); start the run with "
+            f"`python -m launch launch={launch.name} launch.run=true ...` (it prints the accelerate line)"
+        )
     if launched is None:
         return launch
     strategy, per_machine, machines = launched
