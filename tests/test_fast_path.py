@@ -8,7 +8,6 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import run_train
 from test_config import composed
 
 from train.config import ConfigError, load_config
@@ -85,14 +84,6 @@ def test_bad_values_and_packing_a_preference_stage_fail_when_the_config_loads():
         load_config(composed("training.packing=sometimes"))
     with pytest.raises(ConfigError, match="training.packing: SFT only; stage=dpo"):
         load_config(composed("stage=dpo", "data=preference_sample", "training.packing=true"))
-
-
-def test_python_m_train_refuses_before_loading_anything(tmp_path):
-    result = run_train("training.use_liger_kernel=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                       timeout=120)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: training.use_liger_kernel=true: Liger's kernels are Triton kernels" in result.stderr
-    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 # ── what the planner counts for each switch (8B widths, bf16, 16,384 tokens) ─────────────────────────────

@@ -202,15 +202,18 @@ def test_two_process_ddp_matches_one_process_with_twice_the_batch(ddp_run, tmp_p
 def test_deepspeed_zero_trains_like_ddp(ddp_run, shared_launch, stage):
     """DeepSpeed runs on CPU here (gloo, its own CPU accelerator); the first use JIT-builds its comm op,
     and offload's first use its CPU Adam (~90 s each, cached under ~/.cache/torch_extensions)."""
-    # zero3's run (its checkpoints too) is also read by test_zero3_checkpoint_resumes and test_state_bytes
-    run_dir, log = shared_launch(stage, *(SHARDED_RUN if stage == "zero3" else ()))
+    # zero3's run (its checkpoints too) is also read by test_zero3_checkpoint_resumes and test_state_bytes;
+    # offload's steps are the slowest here (DeepSpeedCPUAdam, parameters fetched from host memory): 2 of them
+    extra = {"zero3": SHARDED_RUN, "zero3_offload": ("training.max_steps=2",)}.get(stage, ())
+    run_dir, log = shared_launch(stage, *extra)
     zero, offload = stage.split("_offload")[0][-1], "cpu" if stage.endswith("offload") else "none"
     assert (
         f"launch={stage}: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, "
         f"ZeRO-{zero}, offload optimizer {offload}, parameters {offload}" in log
     )
-    expected = losses(ddp_run[0])
-    assert list(losses(run_dir)) == list(expected) == [1, 2, 3, 4]
+    steps = 2 if stage == "zero3_offload" else 4
+    expected = {step: loss for step, loss in losses(ddp_run[0]).items() if step <= steps}
+    assert list(losses(run_dir)) == list(expected) == list(range(1, steps + 1))
     # zero3's shared run evaluates on an eval file of its own (SHARDED_RUN), at the end, under ZeRO-3
     assert list(eval_losses(run_dir)) == ([4] if stage == "zero3" else [])
     for step, loss in losses(run_dir).items():
@@ -362,21 +365,12 @@ def test_full_dpo_under_zero3_reads_its_reference_partitioned(tmp_path, tokenize
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "engine"),
-    [
-        ("ddp", "engine MULTI_CPU, backend gloo, model DistributedDataParallel"),
-        ("zero2", "engine DEEPSPEED, backend gloo, model DeepSpeedEngine, ZeRO-2"),
-        (
-            "fsdp",
-            "engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, 37/37 parameters DTensor shards",
-        ),
-    ],
-)
-def test_dpo_runs_under_each_kind_of_launch(tmp_path, name, engine):
-    """Every stage's trainer gets the same launches (FSDP on CPU through train/trainer.py ShardedOnCpu)."""
-    run_dir, log = launched(tmp_path, name, "stage=dpo", "data=preference_sample", "training.max_steps=2")
-    assert f"launch={name}: 2 process(es), {engine}" in log
+def test_lora_dpo_runs_sharded_under_fsdp(tmp_path):
+    """Every stage's trainer gets the same launches (FSDP on CPU through train/trainer.py ShardedOnCpu); FSDP
+    is the one that rewraps the model. (DPO under ZeRO-3: test_full_dpo_under_zero3_reads_its_reference.)"""
+    run_dir, log = launched(tmp_path, "fsdp", "stage=dpo", "data=preference_sample", "training.max_steps=2")
+    engine = "engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, 37/37 parameters DTensor shards"
+    assert f"launch=fsdp: 2 process(es), {engine}" in log
     assert len(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 16
     steps = losses(run_dir)
     assert list(steps) == [1, 2] and steps[1] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
