@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from conftest import REPO, SAMPLE
+from test_quiet_output import assert_quiet
 
 import data.prepare as prepare_module
 from data import encode_chat, encode_conversations, load_conversations, prepare_dataset
@@ -156,6 +157,7 @@ def test_cli_prepares_and_prints_the_summary(tmp_path):
             "training.max_length=256",
         ],
         cwd=REPO,
+        env={key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"},  # the user's
         capture_output=True,
         text=True,
         timeout=300,
@@ -164,6 +166,7 @@ def test_cli_prepares_and_prints_the_summary(tmp_path):
     assert "conversations" in result.stdout and "trainable" in result.stdout and "truncated" in result.stdout
     assert "length (tokens, before truncation)" in result.stdout and ">256" in result.stdout
     assert f"saved in {tmp_path}" in result.stdout
+    assert_quiet(result.stdout + result.stderr)  # the summary, and no library note a user cannot act on
 
 
 def test_cli_rejects_a_bad_key(tmp_path):

@@ -1,5 +1,5 @@
 """A command's output is what the user needs to read: no library notes they cannot act on (train/__init__.py,
-data/__init__.py, train/trainer.py's ``training_args``)."""
+data/__init__.py, train/trainer.py's ``training_args``). ``python -m data.prepare``'s: test_prepare.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
 NOISE = (
     r"Failed to load CPU gemm_4bit_forward from kernels-community",  # bitsandbytes, at import
@@ -44,12 +43,6 @@ def assert_quiet(output: str) -> None:
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("datasets")
-
-
-def test_prepare_prints_only_its_summary(cache_dir):
-    output = run("data.prepare", f"data.cache_dir={cache_dir}", "data.num_proc=1", cwd=REPO)
-    assert_quiet(output)
-    assert "126 conversations" in output and f"saved in {cache_dir}" in output
 
 
 def test_run_logs_only_its_own_lines(cache_dir, tmp_path):
