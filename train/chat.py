@@ -188,12 +188,19 @@ def chat_in_terminal(model, tokenizer, system: list[dict], sampling: Sampling) -
         history.append({"role": "assistant", "content": reply})
 
 
+def key_values(argv: list[str], valid: tuple[str, ...]) -> dict[str, str]:
+    """``key=value`` arguments (this module's and ``train.evaluate``'s); ConfigError naming the ``valid``
+    keys for any other key or an argument without ``=``."""
+    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    unknown = sorted(set(options) - set(valid)) + [arg for arg in argv if "=" not in arg]
+    if unknown:
+        raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return options
+
+
 def parse(argv: list[str]) -> dict[str, str]:
     """``key=value`` arguments over ``DEFAULTS``; ConfigError naming the valid keys for any other."""
-    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    unknown = sorted(set(options) - set(OPTIONS)) + [arg for arg in argv if "=" not in arg]
-    if unknown:
-        raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+    options = key_values(argv, OPTIONS)
     if "run" not in options:
         raise ConfigError("run= is missing: the run directory to chat with (outputs/<date>/<time>)")
     if options.get("weights", "auto") not in WEIGHTS:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.chat import WEIGHTS, choose_weights, load_chat_model
+from train.chat import WEIGHTS, choose_weights, key_values, load_chat_model
 from train.config import ConfigError
 from train.run_dir import run_config
 
@@ -77,11 +77,7 @@ def whole_number(key: str, value: str) -> int:
 def parse(argv: list[str]) -> Options:
     """``key=value`` arguments over ``DEFAULTS``; ConfigError naming the key and the fix for any other key
     or a bad value."""
-    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    unknown = sorted(set(options) - set(OPTIONS)) + [arg for arg in argv if "=" not in arg]
-    if unknown:
-        raise ConfigError(f"unknown argument(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
-    options = {**DEFAULTS, **options}
+    options = {**DEFAULTS, **key_values(argv, OPTIONS)}
     tasks = tuple(name for name in options.get("tasks", "").split(",") if name)
     if not options.get("run"):
         raise ConfigError("run= is missing: the run directory to evaluate (outputs/<date>/<time>)")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from train.config import ConfigError, TrainingConfig, switch, switch_problems
+from train.config import ConfigError, TrainingConfig, switch
 
 LIGER = "liger-kernel~=0.8.5"  # the [gpu] extra in pyproject.toml
 
@@ -63,12 +63,12 @@ class FastPath:
         )
 
 
-def attention(requested: str, on_gpu: bool, context_parallel: int = 1) -> str:
+def attention(requested: str, on_gpu: bool) -> str:
     """``model.attn_implementation``; ``auto``: FlashAttention-2 on a GPU where flash-attn is installed,
-    else PyTorch's sdpa (always sdpa under context parallelism: torch shards SDPA only)."""
+    else PyTorch's sdpa. (Under context parallelism ``load_config`` has already made ``auto`` sdpa.)"""
     if requested != "auto":
         return requested
-    flash = on_gpu and context_parallel == 1 and importlib.util.find_spec("flash_attn") is not None
+    flash = on_gpu and importlib.util.find_spec("flash_attn") is not None
     return "flash_attention_2" if flash else "sdpa"
 
 
@@ -92,8 +92,9 @@ def fast_path(
     training: TrainingConfig, stage: str, attention: str, on_gpu: bool, context_parallel: int = 1
 ) -> FastPath:
     """``resolve`` for this device, refusing what cannot run here (ConfigError naming the key and the
-    fix). ``attention`` is what the model computes with (``attention`` above)."""
-    problems = switch_problems(training, stage)
+    fix). ``attention`` is what the model computes with (``attention`` above). The switches' values and
+    packing a preference stage were checked as the config loaded (``train.config.switch_problems``)."""
+    problems = []
     if context_parallel > 1 and not on_gpu:
         problems.append(
             f"launch.cp_size={context_parallel}: torch's context parallelism shards SDPA's CUDA kernels; on "

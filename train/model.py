@@ -37,10 +37,10 @@ def compute_dtype_of(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def attention_implementation(requested: str, context_parallel: int = 1) -> str:
+def attention_implementation(requested: str) -> str:
     """``auto``: FlashAttention-2 on a GPU when flash-attn is installed, else PyTorch's sdpa
-    (``train.fast_path.attention``, for this machine; sdpa under context parallelism)."""
-    return attention(requested, torch.cuda.is_available(), context_parallel)
+    (``train.fast_path.attention``, for this machine)."""
+    return attention(requested, torch.cuda.is_available())
 
 
 def llama_config(model: ModelConfig, tokenizer) -> LlamaConfig:

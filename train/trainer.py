@@ -44,21 +44,20 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
     # Trainer would rotate checkpoints before the COMPLETE marker is written (by mtime): a kill in between
     # could leave no complete one. train/checkpoints.py rotates after the marker, by step, complete ones only.
     training["save_total_limit"] = None
-    if stage != "sft":
-        training.pop("packing_strategy")
     settings = {key: getattr(config.stage, key) for key, stages in STAGE_SETTINGS.items() if stage in stages}
     if "eval_strategy" not in training:  # evaluate when there is something to evaluate on (data.eval_*)
         training["eval_strategy"] = "steps" if config.data.eval_split or config.data.eval_path else "no"
     use_cpu = not torch.cuda.is_available()
     cp = config.launch.cp_size
-    path = fast_path(config.training, stage, attention_implementation(config.model.attn_implementation, cp),
+    path = fast_path(config.training, stage, attention_implementation(config.model.attn_implementation),
                      on_gpu=not use_cpu, context_parallel=cp)  # fmt: skip
     training.update(path.trl_settings())  # auto resolved for this device
     if cp > 1:  # torch's context parallelism splits each sequence into 2 x cp_size chunks (load balancing)
         training["pad_to_multiple_of"] = 2 * cp
     logging.getLogger("train").info(path.describe())
     if stage != "sft":
-        training.pop("packing")
+        for sft_only in ("packing", "packing_strategy"):
+            training.pop(sft_only)
     if use_cpu:
         # accelerate 1.15 imports deepspeed wherever it unwraps a model (utils/other.py,
         # extract_model_from_parallel), DeepSpeed run or not, and deepspeed then warns "Setting accelerator to

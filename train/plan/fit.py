@@ -31,7 +31,7 @@ def planned_kernels(config: Config, device: Device) -> Kernels:
     from train.fast_path import attention, resolve
 
     on_gpu, cp = device.kind == "cuda", config.launch.cp_size
-    chosen = attention(config.model.attn_implementation, on_gpu, cp)
+    chosen = attention(config.model.attn_implementation, on_gpu)
     path = resolve(config.training, config.stage.name, chosen, on_gpu, cp)
     return Kernels(
         liger=path.use_liger_kernel,
