@@ -49,6 +49,11 @@ def process_arguments(config: Config) -> list[str]:
         arguments += ["--config_file", str(REPO / launch.accelerate_config)]
     total = launch.num_processes * launch.num_machines
     arguments += ["--num_processes", str(total), "--num_machines", str(launch.num_machines)]
+    if launch.strategy.startswith("zero") and launch.num_machines > 1:
+        # one torchrun per machine, as for DDP/FSDP; unset, accelerate runs DeepSpeed's pdsh runner instead
+        # (launch/accelerate/zero3.yaml says where). Here too, not only in our yaml: it shows in the printed
+        # line and the sbatch script, and an accelerate_config of the user's own gets it as well
+        arguments += ["--deepspeed_multinode_launcher", "standard"]
     if (
         launch.cp_size > 1
     ):  # accelerate's ParallelismConfig: FSDP2 shards over dp_shard x cp, cp splits sequences

@@ -1,6 +1,6 @@
 """`python -m launch launch=slurm`: the rendered sbatch script, and real jobs on the local two-node cluster —
-rendezvous across nodes, the time-limit signal and preemption (checkpoint, requeue, resume), and a node's
-processes killed (fail fast, requeue, resume)."""
+rendezvous across nodes (DDP, and DeepSpeed ZeRO-3 as one world), the time-limit signal and preemption
+(checkpoint, requeue, resume), and a node's processes killed (fail fast, requeue, resume)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ def test_dry_run_shows_the_sbatch_script(tmp_path):
     ]  # fmt: skip
     assert "\nmodule load cuda/12.4\n" in script
     config_file = Path(__file__).resolve().parents[1] / "launch" / "accelerate" / "zero3.yaml"
-    assert f"--config_file {config_file} --num_processes 32 --num_machines 4 \\" in script
+    # one torchrun per node, DeepSpeed too: unset, accelerate would run DeepSpeed's pdsh runner on every node
+    launcher = "--deepspeed_multinode_launcher standard"
+    assert f"--config_file {config_file} --num_processes 32 --num_machines 4 {launcher} \\" in script
     assert '--machine_rank "$SLURM_NODEID"' in script
     assert '--main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT"' in script
     assert 'MAIN_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
@@ -179,6 +181,33 @@ def test_two_node_job_rendezvous_and_trains(uninterrupted):
     assert "launch=slurm: 2 process(es), engine MULTI_CPU, backend gloo, model DistributedDataParallel" in log
     assert [step for step, _ in logged_losses(run_dir)] == list(range(1, 13))
     assert "training exited with status 0" in log
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_two_node_zero3_job_is_one_world_and_trains_like_ddp(slurm, uninterrupted, tmp_path):  # noqa: F811
+    """launch.strategy=zero3 over the two nodes: one 2-process DeepSpeed world, started as DDP's is (one
+    torchrun per node; accelerate's default pdsh runner died here with FileNotFoundError: 'deepspeed'), with
+    the losses of the DDP job step for step, dropout included."""
+    _, env = slurm
+    run_dir = tmp_path / "zero3"
+    job = submit(run_dir, env, "launch.strategy=zero3")
+    log = finished(run_dir, job, wait_for_end(job, env))
+    assert "--deepspeed_multinode_launcher standard" in (run_dir / "slurm-job.sh").read_text()
+    assert (
+        "launch=slurm: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, ZeRO-3, "
+        "offload optimizer none, parameters none" in log
+    )
+    # the pdsh runner writes the whole environment (tokens too) into the job's working directory
+    assert not (tmp_path / ".deepspeed_env").exists()
+    final = run_dir / "checkpoints" / "checkpoint-12"
+    states = sorted(path.name for path in (final / "global_step12").glob("*_optim_states.pt"))
+    assert (final / "COMPLETE").is_file()
+    assert states == [f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]  # one per node
+    zero3, ddp = logged_losses(run_dir), logged_losses(uninterrupted[0])
+    assert [step for step, _ in zero3] == list(range(1, 13))
+    for (step, loss), (_, reference) in zip(zero3, ddp, strict=True):
+        assert loss == pytest.approx(reference, abs=1e-4), step
 
 
 def expect_resumed_run(run_dir: Path, uninterrupted_dir: Path, state: dict, restarts: int = 1) -> None:
