@@ -142,6 +142,40 @@ def test_sharded_launches_print_their_accelerate_config(tmp_path, name):
     )
 
 
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload", "ddp", "fsdp"])
+def test_every_launch_across_machines_runs_one_torchrun_per_machine(name):
+    """DeepSpeed too: accelerate, given python -m launch's arguments for machine 1 of 2 (as the sbatch script
+    and MACHINE_RANK/MAIN_ADDR pass them), prepares torchrun's (2 nodes, node rank 1, machine 0's address),
+    not DeepSpeed's pdsh runner (`deepspeed --hostfile None`: FileNotFoundError under Slurm). The same from
+    our yaml alone, for `accelerate launch --config_file launch/accelerate/zero3.yaml` by hand."""
+    import torch.distributed.run as torchrun
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import _filter_args, prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    from launch.__main__ import process_arguments
+    from train.config import compose_config, load_config
+
+    overrides = [f"launch={name}", "launch.num_machines=2", "launch.num_processes=2"]
+    arguments = process_arguments(load_config(compose_config(overrides)))
+    deepspeed = name.startswith("zero")
+    launcher = ["--deepspeed_multinode_launcher", "standard"]
+    assert (arguments[-2:] == launcher) == deepspeed  # shown in the printed line and the sbatch script
+    rendezvous = ["--machine_rank", "1", "--main_process_ip", "10.0.0.7", "--main_process_port", "29555"]
+    for given in (arguments, arguments[:-2]) if deepspeed else (arguments,):
+        parsed = launch_command_parser().parse_args([*given, *rendezvous, "-m", "train"])
+        args, _, _ = _validate_launch_command(parsed)
+        assert args.use_deepspeed == deepspeed
+        if deepspeed:  # a command is DeepSpeed's runner, None torchrun (accelerate/commands/launch.py:1060)
+            args.deepspeed_fields_from_accelerate_config = ""  # launch_command's (commands/launch.py:1394)
+            assert prepare_deepspeed_cmd_env(args)[0] is None
+        else:
+            prepare_multi_gpu_env(args)
+        # torchrun's arguments, as accelerate gives them to torch.distributed.run (commands/launch.py:1075)
+        run = _filter_args(args, torchrun.get_args_parser(), ["--training_script", "train"])
+        assert (run.nnodes, run.node_rank, run.nproc_per_node, run.rdzv_backend) == ("2", 1, "2", "static")
+        assert torchrun.get_rdzv_endpoint(run) == "10.0.0.7:29555"
+
+
 def test_a_launch_started_without_its_processes_is_refused(tmp_path):
     result = run_train("launch=ddp", "launch.num_processes=2", *SHORT, f"hydra.run.dir={tmp_path / 'run'}",
                        cwd=tmp_path, timeout=300)  # fmt: skip
