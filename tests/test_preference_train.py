@@ -195,6 +195,38 @@ def test_full_dpo_keeps_a_frozen_copy_as_reference(tmp_path, tokenizer):
         assert torch.equal(p, before[name]), name
 
 
+@pytest.mark.slow
+def test_full_dpo_from_an_adapter_stores_weights_as_the_precision_policy_says(tmp_path, tokenizer):
+    """A LoRA SFT run merged into its base for full DPO: with a bf16 compute dtype the weights are fp32 where
+    they are their own master copy (one process; DDP the same) and bf16 where the engine keeps the fp32
+    master (FSDP2, DeepSpeed), as ``build_model`` stores them (``train.model.weights_dtype``); they were
+    bf16 everywhere."""
+    from test_export import trained_run
+
+    from train.export import base_of
+    from train.placement import Placement
+
+    (tmp_path / "sft").mkdir()
+    trained_run(tmp_path / "sft", tokenizer, "lora")
+    config = load_config(
+        composed("stage=dpo", "data=preference_sample", "method=full", f"stage.init_from={tmp_path / 'sft'}")
+    )
+    merged = {}
+    for engine, stored in [("NO", torch.float32), ("FSDP", torch.bfloat16), ("DEEPSPEED", torch.bfloat16)]:
+        placement = Placement(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), engine=engine,
+                              loads_on_rank_zero=False, zero3_init=False)  # fmt: skip
+        model = init_model(config, tokenizer, torch.bfloat16, placement)
+        parameters = list(model.parameters())
+        assert {p.dtype for p in parameters} == {stored} and all(p.requires_grad for p in parameters), engine
+        merged[engine] = model.state_dict()
+    base_config, seed = base_of(config)
+    base = build_model(base_config, tokenizer, dtype=torch.float32, seed=seed).state_dict()
+    query = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged["NO"][query], base[query])  # the adapter is in the weights
+    for name, weight in merged["NO"].items():  # the same weights, only stored as each engine needs
+        assert torch.equal(merged["FSDP"][name], weight.to(torch.bfloat16)), name
+
+
 # ── what fails before any work ─────────────────────────────────────────────────────────────────
 def test_chat_data_with_dpo_and_pairs_with_sft_fail_with_what_to_use():
     chats = r"data=sample is 'messages', which holds chats, but stage=dpo trains on preference pairs \(data="

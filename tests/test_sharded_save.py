@@ -8,11 +8,12 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from test_config import composed
 
 from train.config import load_config
-from train.model import build_model
-from train.sharded_save import save_full_model
+from train.model import build_model, build_peft_config
+from train.sharded_save import full_shape, save_adapter, save_full_model, whole
 
 # The 2-process full fine-tunes both this file and test_state_bytes read (conftest.shared_launch).
 FULL_RUN = ("method=full", "training.save_steps=4", "training.max_shard_size=300KB")
@@ -126,3 +127,73 @@ def test_sharded_full_run_saves_the_trained_weights_shard_by_shard(shared_launch
         assert torch.equal(saved[key], tensor), key
     base = tiny_model(tokenizer).state_dict()
     assert not any(torch.equal(saved[key], base[key]) for key in base if "layers" in key)  # it trained
+
+
+@pytest.fixture(scope="module")
+def deepspeed_world_of_one():
+    """A one-process gloo world for DeepSpeed engines built in this process, torn down after this file's tests
+    (once: DeepSpeed keeps the groups it made, which a second world would not know)."""
+    import deepspeed
+
+    from launch.__main__ import free_port
+
+    world = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+             "WORLD_SIZE": "1"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in world.items():
+            patch.setenv(key, value)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_adapter_under_deepspeed_is_the_fp32_master_not_the_engines_copy(
+    deepspeed_world_of_one, tmp_path, tokenizer, stage
+):
+    """Under DeepSpeed the module's parameters are the engine's copies (bf16 on a GPU) and the fp32 masters
+    live in the ZeRO optimizer's partitions. On CPU both are fp32 and equal after every step, so here each
+    master is set apart from its copy (DeepSpeed's safe_set_full_fp32_param) to show which one adapter/ is."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_model(tokenizer), build_peft_config(load_config(composed()).method))
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}
+    deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trained), config=ds_config)
+    masters, generator = {}, torch.Generator().manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            master = torch.randn(full_shape(parameter), generator=generator)
+            safe_set_full_fp32_param(parameter, master)
+            with whole(parameter) as copy:
+                assert not torch.equal(copy, master)  # the engine's copy is another tensor
+            masters[name.replace(".default", "")] = master  # peft's file names drop the adapter's name
+    save_adapter(model, tmp_path, is_writer=True)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved.keys() == masters.keys() and len(saved) == 16  # 2 layers x q,k,v,o x A,B
+    for name, master in masters.items():
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], master), name
+
+
+@pytest.mark.slow
+def test_zero3_lora_run_saves_the_fp32_masters(shared_launch):
+    """The real 2-process ZeRO-3 LoRA run (test_launch's): adapter/ was read through DeepSpeed's fp32 accessor
+    (its log says so), and holds, bit for bit, the fp32 masters DeepSpeed's own zero_to_fp32 puts together
+    from the last checkpoint's optimizer states (step 4, the last step)."""
+    from test_launch import SHARDED_RUN
+
+    run_dir, log = shared_launch("zero3", *SHARDED_RUN)  # also read by test_launch and test_state_bytes
+    adapter_dir = run_dir / "adapter"
+    accessor = "16 of them DeepSpeed's fp32 master (safe_get_full_fp32_param)"
+    assert f"saved {adapter_dir}: 16 adapter tensors, {accessor}" in log, log[-3000:]
+    masters = {
+        name.replace(".default", ""): tensor
+        for name, tensor in trained_state(run_dir / "checkpoints" / "checkpoint-4").items()
+        if "lora_" in name
+    }
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    assert saved.keys() == masters.keys() and len(saved) == 16
+    for name, master in masters.items():
+        assert saved[name].dtype == torch.float32 and torch.equal(saved[name], master), name

@@ -80,3 +80,24 @@ def test_trl_fields_pass_through_to_the_trainer_arguments(tmp_path):
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     dpo = composed("stage=dpo", "data=preference_sample", "training.precompute_ref_log_probs=true")
     assert training_args(load_config(dpo), tmp_path, torch.float32).precompute_ref_log_probs is True
+
+
+def test_ddp_looks_for_unused_parameters_only_where_some_may_be_unused(tmp_path, tokenizer):
+    """transformers asks DDP for find_unused_parameters=True for a PeftModel (trainer.py,
+    _build_accelerator_args): an extra autograd-graph traversal every step. Full weights and adapters on the
+    decoder's Linears all get gradients each step, so the run turns it off, down to the kwargs accelerate
+    wraps DDP with; an adapter on lm_head (TRL's fused LM head skips it) keeps transformers' choice, and a
+    user's own value wins."""
+    trainer, _ = tiny_trainer(tmp_path, tokenizer)  # LoRA on q/k/v/o
+    assert trainer.args.ddp_find_unused_parameters is False
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is False
+
+    def find_unused(*overrides: str):
+        args = training_args(load_config(composed(*overrides)), tmp_path, torch.float32)
+        return args.ddp_find_unused_parameters
+
+    for off in (["method=full"], ["method=qlora"], ["method.target_modules=all-linear"],
+                ["stage=dpo", "data=preference_sample"], ["model.gradient_checkpointing=true"]):  # fmt: skip
+        assert find_unused(*off) is False, off
+    assert find_unused("method.target_modules=[q_proj,lm_head]") is None
+    assert find_unused("+training.ddp_find_unused_parameters=true") is True

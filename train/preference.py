@@ -33,7 +33,7 @@ from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
 
 from train.config import Config
 from train.export import base_of, merged_model
-from train.model import build_model, build_peft_config, compute_dtype_of, load_checkpoint
+from train.model import build_model, build_peft_config, compute_dtype_of, load_checkpoint, weights_dtype
 from train.outputs import METRICS_FILE, MetricsJsonl, final_dir
 from train.placement import Placement
 from train.run_dir import run_config
@@ -204,13 +204,15 @@ def init_model(config: Config, tokenizer, dtype: torch.dtype, placement: Placeme
       training (TRL's DPO docs: "continue training your PeftModel"; the reference is TRL's frozen "ref"
       copy of it, so the reference is exactly the SFT policy at an adapter's cost);
     - it trained an adapter and this run is full fine-tuning: the adapter merged into its base
-      (``train.export.merged_model``; a QLoRA base is dequantized).
+      (``train.export.merged_model``; a QLoRA base is dequantized), stored as ``build_model`` stores full
+      weights (``train.model.weights_dtype``): fp32 under one process or DDP, where the weights are their
+      own master copy, ``dtype`` under FSDP/DeepSpeed, whose engines keep the fp32 master.
     """
     start = Path(config.stage.init_from)
     previous = run_config(start)
     if previous.method.name != "full" and config.method.name == "full":
         merged, _ = merged_model(start)
-        return merged.to(dtype).requires_grad_(True)
+        return merged.to(weights_dtype(config.method, dtype, placement)).requires_grad_(True)
     base, seed = base_of(config)
     model = build_model(base, tokenizer, dtype=dtype, seed=seed, method=config.method, placement=placement)
     if previous.method.name == "full":

@@ -114,25 +114,57 @@ def save_full_model(
 def save_adapter(model, output_dir: str | Path, *, is_writer: bool) -> None:
     """Write a peft model's adapters with peft's ``save_pretrained``, gathering only their tensors (LoRA's A
     and B, one at a time, every rank joins): never the frozen base, which FSDP's FULL_STATE_DICT would collect
-    whole on rank 0 first (accelerate's get_state_dict) to keep 0.02% of it. The base's generation config
-    goes beside them."""
-    adapters = {}
+    whole on rank 0 first (accelerate's get_state_dict) to keep 0.02% of it. Each trained tensor is its fp32
+    master (``master``), under DeepSpeed too. The base's generation config goes beside them."""
+    adapters, from_master = {}, 0
     for name, parameter in model.named_parameters():
         if parameter.requires_grad or "lora_" in name:  # a frozen "ref" adapter (DPO) is saved too
-            with whole(parameter) as tensor:
+            with master(parameter) as (tensor, is_master):
+                from_master += is_master
                 if is_writer:
                     adapters[name] = tensor.detach().to("cpu", copy=True)
     if is_writer:
         model.save_pretrained(output_dir, state_dict=adapters)
         # peft writes no generation_config.json; the base's says where generation stops (train.model)
         model.get_base_model().generation_config.save_pretrained(output_dir)
+        if from_master:
+            log.info(
+                "saved %s: %d adapter tensors, %d of them DeepSpeed's fp32 master (safe_get_full_fp32_param)",
+                output_dir, len(adapters), from_master,
+            )  # fmt: skip
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
+@contextmanager
+def master(parameter: torch.Tensor):
+    """``(tensor, is_master)``: the full trained value of ``parameter``, on every rank, for the block.
+
+    Under DeepSpeed the module's parameter is the engine's copy in the compute dtype (bf16 on a GPU) and the
+    fp32 master lives in the ZeRO optimizer's partition: ZeRO-1/2 ``single_partition_of_fp32_groups`` (a
+    fragment per rank, ``param._hp_mapping``, all-reduced over the data-parallel group), ZeRO-3
+    ``fp32_partitioned_groups_flat`` (``param._z3_optimizer.get_full_hp_param``, all-gathered). DeepSpeed's
+    ``safe_get_full_fp32_param`` (deepspeed/utils/tensor_fragment.py, 0.19.8) assembles it; it is a
+    collective, and every rank takes the same branch: the attributes mark the same parameters on all ranks.
+    A parameter with no master (frozen: a DPO "ref" adapter; DeepSpeed returns None without communicating),
+    and every parameter under the torch engines and FSDP2, whose trainable parameters are fp32 themselves,
+    is ``whole``."""
+    if hasattr(parameter, "_z3_optimizer") or hasattr(parameter, "_hp_mapping"):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        with torch.no_grad():
+            fp32 = safe_get_full_fp32_param(parameter)
+        if fp32 is not None:
+            yield fp32, True
+            return
+    with whole(parameter) as tensor:
+        yield tensor, False
+
+
 def save_final(model, output_dir: str | Path, *, args, tokenizer, max_shard_size: int | str) -> None:
     """A run's final ``model/`` (full weights in the compute dtype, ``save_full_model``) or ``adapter/``
-    (fp32, ``save_adapter``), with the tokenizer and training arguments ``Trainer._save`` writes beside them.
+    (the fp32 masters under every launch, ``save_adapter``), with the tokenizer and training arguments
+    ``Trainer._save`` writes beside them.
     ``model`` is unwrapped; every rank calls this, ``args.should_save`` writes."""
     from transformers.trainer import TRAINING_ARGS_NAME
 

@@ -58,6 +58,19 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
     if stage != "sft":
         for sft_only in ("packing", "packing_strategy"):
             training.pop(sft_only)
+    # DDP: transformers asks for find_unused_parameters=True for any model that is not a PreTrainedModel (a
+    # PeftModel) or runs without checkpointing (trainer.py, _build_accelerator_args): an extra traversal of
+    # the autograd graph every step. Every trainable parameter here gets a gradient each step: full weights,
+    # and adapters on decoder Linears, whose forward always runs (DPO's "ref" adapter and KTO's KL pass run
+    # under no_grad, which DDP does not track). Not so for an adapter on lm_head: TRL's fused LM head (GPU)
+    # reads lm_head.weight and skips the adapter. A regex target_modules keeps transformers' choice too.
+    targets = config.method.target_modules  # None: peft's default for Llama, q_proj and v_proj
+    decoder_linears = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    decoder_only = targets == "all-linear" or (  # peft's all-linear leaves out the output layer
+        not isinstance(targets, str) and set(targets or ()) <= decoder_linears
+    )
+    if config.method.name == "full" or decoder_only:
+        training.setdefault("ddp_find_unused_parameters", False)
     if use_cpu:
         # accelerate 1.15 imports deepspeed wherever it unwraps a model (utils/other.py,
         # extract_model_from_parallel), DeepSpeed run or not, and deepspeed then warns "Setting accelerator to
