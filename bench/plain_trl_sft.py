@@ -12,6 +12,7 @@ it is built. Peak memory as our runs measure theirs (``train.outputs.peak_memory
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,10 @@ from train.outputs import peak_memory_bytes, reset_peak_memory
 
 
 def main(argv: list[str]) -> None:
+    # transformers 5 swaps RMSNorm/RoPE for Hub kernels on CUDA by default (use_kernels, USE_HUB_KERNELS=YES),
+    # fetched from the Hub: on an offline GPU node the load fails. Off, as our runs have them unless asked
+    # (train.model.hub_kernels_asked): both sides of bench/gpu_recipe.py compute with the same layers.
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
     record = Path(argv[argv.index("--record") + 1])
     del argv[argv.index("--record") : argv.index("--record") + 2]
     script_args, training_args, model_args, dataset_args = sft.make_parser().parse_args_and_config(argv)

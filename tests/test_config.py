@@ -171,3 +171,16 @@ def test_every_size_and_method_composes_and_is_planned(size, method):
             ("405b", "qlora"),
         }
     )
+
+
+def test_qlora_dpo_under_sharding_cannot_score_its_reference_before_the_weights_load():
+    """TRL's precompute_ref_log_probs runs in the trainer's constructor; sharded QLoRA's weights arrive at
+    step 0 (train/quantized_loading.py): refused as the config loads, with what works."""
+    overrides = ("stage=dpo", "data=preference_sample", "method=qlora", "launch.num_processes=2")
+    with pytest.raises(ConfigError) as error:
+        load_config(composed(*overrides, "launch=zero3", "+training.precompute_ref_log_probs=true"))
+    assert "training.precompute_ref_log_probs: TRL scores the reference in the trainer's constructor" in str(
+        error.value
+    )
+    assert "or use launch=ddp" in str(error.value)
+    load_config(composed(*overrides, "launch=ddp", "+training.precompute_ref_log_probs=true"))  # loads

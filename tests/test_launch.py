@@ -345,12 +345,23 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_where_it_stopped(fsdp_run, tmp_p
 
 
 @pytest.mark.slow
-def test_qlora_under_fsdp_shards_its_4bit_weights(tmp_path):
-    """4-bit weights stored in the compute dtype (train/model.py) are sharded like every other parameter."""
-    run_dir, log = launched(tmp_path, "fsdp", "method=qlora", "training.max_steps=2")
+def test_qlora_under_fsdp_shards_its_4bit_weights_and_resumes(tmp_path):
+    """4-bit weights stored in the compute dtype (train/model.py) are sharded like every other parameter,
+    quantized into each rank's shard at step 0 (train/quantized_loading.py); a run resumed from a
+    checkpoint, whose skeleton is filled again after the checkpoint is read, repeats the same losses."""
+    run_dir, log = launched(tmp_path, "fsdp", "method=qlora", "training.save_steps=2")
     assert "launch=fsdp: 2 process(es), engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, " in log
     assert "37/37 parameters DTensor shards" in log
+    assert "read and quantized by rank 0, one tensor at a time; each rank keeps its shard (21 tensors)" in log
     assert len(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 16  # 2 layers x q/k/v/o x A/B
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    (tmp_path / "resumed").mkdir()
+    resumed_dir, _ = launched(tmp_path / "resumed", "fsdp", "method=qlora", "training.save_steps=2",
+                              f"training.resume_from_checkpoint={checkpoint}")  # fmt: skip
+    resumed, uninterrupted = losses(resumed_dir), losses(run_dir)
+    assert list(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
 
 
 @pytest.mark.slow

@@ -39,6 +39,34 @@ def test_local_checkpoint_loads_from_safetensors(tmp_path, tokenizer):
         assert torch.equal(a, b), name
 
 
+def test_no_model_loads_hub_kernels_unless_the_user_asks(tmp_path, tokenizer, monkeypatch):
+    """transformers 5 kernelizes every from_pretrained model by default (on CUDA: RMSNorm/RoPE from the Hub,
+    again at each model.train()). Every load goes through train.model.load_safely: the checkpoint and the
+    4-bit paths reach set_use_kernels with False, and only USE_HUB_KERNELS=1 turns it on."""
+    from transformers import PreTrainedModel
+
+    from train.model import load_safely
+
+    asked = []
+    original = PreTrainedModel.set_use_kernels
+
+    def recorded(self, use_kernels, *args, **kwargs):
+        asked.append(use_kernels)
+        return original(self, False, *args, **kwargs)  # never fetch anything here
+
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", recorded)
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    build_model(load_config(composed()).model, tokenizer, dtype=torch.float32, seed=1).save_pretrained(
+        tmp_path
+    )
+    for method in ("lora", "qlora"):
+        config = load_config(composed(f"model.path={tmp_path}", f"method={method}"))
+        build_model(config.model, tokenizer, dtype=torch.float32, seed=1, method=config.method)
+    assert asked == [False, False]
+    monkeypatch.setenv("USE_HUB_KERNELS", "1")
+    assert load_safely()["use_kernels"] is True
+
+
 def test_pickle_checkpoints_are_refused_before_loading(tmp_path, tokenizer):
     config = load_config(composed())
     model = build_model(config.model, tokenizer, dtype=torch.float32, seed=1)

@@ -26,7 +26,7 @@ def test_one_process_is_placed_on_cpu_here(tmp_path):
     assert (placement.rank, placement.local_rank, placement.world_size) == (0, 0, 1)
     assert placement.device == torch.device("cpu") and placement.engine == "NO"
     assert not placement.loads_on_rank_zero and not placement.zero3_init
-    assert placement.device_map == {"": "cpu"}
+    assert placement.device_map == {"": torch.device("cpu")}
 
 
 def test_several_gpus_under_launch_local_are_refused_before_anything_loads(tmp_path, monkeypatch):
@@ -44,13 +44,34 @@ def test_several_gpus_under_launch_local_are_refused_before_anything_loads(tmp_p
 
 
 def test_quantized_weights_go_to_this_ranks_own_gpu():
-    """bitsandbytes quantizes on the device it loads to: rank 3's weights on cuda:3, not on GPU 0."""
+    """bitsandbytes quantizes on the device it loads to: rank 3's weights on cuda:3, not on GPU 0; as a
+    torch.device, which transformers' kernel mapping reads a device type from (an int there raised
+    AttributeError: 'int' object has no attribute 'type', on every QLoRA rank >= 1)."""
+    from transformers.utils.import_utils import get_device_type
+
     placement = Placement(
         rank=11, local_rank=3, world_size=16, device=torch.device("cuda", 3), engine="MULTI_GPU",
         loads_on_rank_zero=False, zero3_init=False,
     )  # fmt: skip
-    assert placement.device_map == {"": 3}
-    assert not placement.is_main and not placement.is_local_main
+    assert placement.device_map == {"": torch.device("cuda", 3)}
+    assert get_device_type(next(iter(placement.device_map.values()))) == "cuda"
+    assert not placement.is_main and not placement.is_local_main and not placement.shards_4bit
+
+
+def test_the_engine_is_known_before_the_trainer_builds_its_accelerator():
+    """On CUDA, PartialState says MULTI_GPU for every launch; FSDP and DeepSpeed are the Accelerator's word,
+    later. Placement reads them from the launcher's variables, so an FSDP launch on GPUs loads QLoRA sharded
+    (shards_4bit) and stores 4-bit weights in the compute dtype, as on CPU."""
+    from accelerate.utils import DistributedType
+
+    from train.placement import launch_engine
+
+    fsdp, zero = {"ACCELERATE_USE_FSDP": "true"}, {"ACCELERATE_USE_DEEPSPEED": "true"}
+    assert launch_engine(DistributedType.MULTI_GPU, fsdp) == DistributedType.FSDP
+    assert launch_engine(DistributedType.MULTI_CPU, fsdp) == DistributedType.FSDP
+    assert launch_engine(DistributedType.MULTI_GPU, zero) == DistributedType.DEEPSPEED
+    assert launch_engine(DistributedType.MULTI_GPU, {}) == DistributedType.MULTI_GPU
+    assert launch_engine(DistributedType.NO, {}) == DistributedType.NO
 
 
 @pytest.mark.parametrize(
@@ -71,9 +92,13 @@ def test_weights_are_stored_as_the_precision_policy_says(method, engine, stored)
     assert weights_dtype(method_config, torch.float32, placement) == torch.float32  # CPU: fp32 throughout
 
 
+RUNS = ("ddp:lora", "fsdp:lora", "zero3:lora", "single:qlora", "fsdp:qlora", "zero3:qlora")
+
+
 @pytest.fixture(scope="module")
 def load_memory(tmp_path_factory):
-    """bench/load_memory.py's measurement: one ~1.8 GiB checkpoint, loaded by 2 processes per launch."""
+    """bench/load_memory.py's measurement: one 2.6 GiB checkpoint, loaded by 2 processes per launch and
+    method (QLoRA also by one process with twice the batch), each run two steps."""
     sys.path.insert(0, str(REPO / "bench"))
     import load_memory
 
@@ -81,7 +106,7 @@ def load_memory(tmp_path_factory):
     checkpoint = work / "checkpoint"
     checkpoint.mkdir()
     size = load_memory.build_checkpoint(checkpoint)
-    return size, {name: load_memory.measure(name, checkpoint, work) for name in ("ddp", "fsdp", "zero3")}
+    return size, {name: load_memory.measure(name, checkpoint, work) for name in RUNS}
 
 
 @pytest.mark.slow
@@ -91,15 +116,54 @@ def test_a_checkpoint_is_read_once_per_node_under_fsdp_and_zero3(load_memory):
     a sharded rank also holds one whole tensor at a time (the 0.49 GiB LM head here); DDP's about two
     copies. Generous margins: this proves the ordering, bench/load_memory.py prints the figures."""
     size, runs = load_memory
-    held = {name: run["held"][1] - run["before"][1] for name, run in runs.items()}
-    loading = {name: run["load"][1] - run["before"][1] for name, run in runs.items()}
-    assert held["ddp"] > 0.9 * size, held
-    for sharded in ("fsdp", "zero3"):
+    held = {name: run["held"][1] - run["before"][1] for name, run in runs.items() if name.endswith(":lora")}
+    loading = {
+        name: run["load"][1] - run["before"][1] for name, run in runs.items() if name.endswith(":lora")
+    }
+    assert held["ddp:lora"] > 0.9 * size, held
+    for sharded in ("fsdp:lora", "zero3:lora"):
         assert held[sharded] < 0.7 * size, (sharded, held)
-        assert loading[sharded] < loading["ddp"] - 0.4 * size, (sharded, loading)
-    assert "checkpoint read by local rank 0, broadcast to the others (FSDP)" in runs["fsdp"]["log"]
-    assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in runs["zero3"]["log"]
-    assert "every process reads the checkpoint" in runs["ddp"]["log"]
+        assert loading[sharded] < loading["ddp:lora"] - 0.4 * size, (sharded, loading)
+        assert runs[sharded]["checkpoint_pages"][1] < 0.1 * size, runs[sharded]["checkpoint_pages"]
+    assert "checkpoint read by local rank 0, broadcast to the others (FSDP)" in runs["fsdp:lora"]["log"]
+    assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in runs["zero3:lora"]["log"]
+    assert "every process reads the checkpoint" in runs["ddp:lora"]["log"]
+
+
+def planned_load(launch: str, processes: int) -> int:
+    """The planner's loading peak for one process of the measured QLoRA run (fp32 on this CPU)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import load_memory
+
+    from train.plan.device import Device
+    from train.plan.fit import plan_run
+
+    config = config_of("method=qlora", f"launch={launch}", f"launch.num_processes={processes}",
+                       *load_memory.ARCHITECTURE, "model.dtype=float32")  # fmt: skip
+    return plan_run(config, Device.local()).load_bytes_per_gpu
+
+
+@pytest.mark.slow
+def test_qlora_is_read_and_quantized_once_and_each_rank_keeps_its_shard(load_memory):
+    """train/quantized_loading.py under FSDP and ZeRO-3, 2 processes on a 2.6 GiB checkpoint: rank 1 maps
+    none of the checkpoint while loading (rank 0 reads it, one tensor at a time); no rank's anonymous memory
+    grows by more than its shard of the quantized model and two whole tensors in flight, which is the
+    planner's loading peak for this run, within 20%; and the first steps' losses equal one process's with
+    twice the batch (the same quantization, the same LoRA)."""
+    size, runs = load_memory
+    single = runs["single:qlora"]
+    for name, launch in (("fsdp:qlora", "fsdp"), ("zero3:qlora", "zero3")):
+        run = runs[name]
+        assert run["checkpoint_pages"][1] < 0.1 * size, (name, run["checkpoint_pages"])
+        assert run["checkpoint_pages"][0] > 0.9 * size, (name, run["checkpoint_pages"])  # rank 0 read it all
+        planned = planned_load(launch, 2)
+        added = {rank: run["anon_load"][rank] - run["anon_before"][rank] for rank in (0, 1)}
+        assert max(added.values()) == pytest.approx(planned, rel=0.2), (name, added, planned)
+        assert list(run["losses"]) == list(single["losses"]) == [1, 2]
+        for step, loss in single["losses"].items():
+            assert run["losses"][step] == pytest.approx(loss, rel=1e-5), (name, step)
+    assert "read and quantized by rank 0, one tensor at a time" in runs["fsdp:qlora"]["log"]
+    assert "QLoRA under ZeRO-3: the quantized model's skeleton now" in runs["zero3:qlora"]["log"]
 
 
 ACCELERATE_FSDP = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"}

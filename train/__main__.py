@@ -131,7 +131,9 @@ def main(cfg: DictConfig) -> float | None:
     log.info("data: %s", summary)
 
     # ── model: base weights (or the run it starts from) on this rank's device, read once per node under
-    #    FSDP/ZeRO-3 (train/placement.py); the LoRA adapter is applied by the trainer ──
+    #    FSDP/ZeRO-3 (train/placement.py); QLoRA there is a skeleton until step 0, when rank 0 quantizes
+    #    one tensor at a time into each rank's shard (train/quantized_loading.py); the LoRA adapter is
+    #    applied by the trainer ──
     if config.stage.init_from is None:
         model = build_model(
             config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method,

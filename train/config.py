@@ -433,6 +433,14 @@ def _stage_problems(config: Config) -> list[str]:
             "training.per_device_train_batch_size: KTO estimates its KL term from each prompt with another "
             "completion of the same batch, so it needs at least 2 (TRL's KTOTrainer refuses 1)"
         )
+    sharded_4bit = config.method.load_in_4bit and config.launch.strategy in ("fsdp", "zero3")
+    if stage.name != "sft" and sharded_4bit and str(vars(training).get("precompute_ref_log_probs")) == "True":
+        problems.append(
+            "training.precompute_ref_log_probs: TRL scores the reference in the trainer's constructor, "
+            "before QLoRA's weights are quantized into each rank's shard at step 0 under "
+            f"{config.launch.strategy} (train/quantized_loading.py); remove it (QLoRA's reference is its "
+            "adapter disabled, scored with each batch) or use launch=ddp"
+        )
     if stage.init_from is not None:
         problems += _init_problems(config)
     return problems

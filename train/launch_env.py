@@ -27,6 +27,11 @@ def launched_with_fsdp(environ=os.environ) -> bool:
     return environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def launched_with_deepspeed(environ=os.environ) -> bool:
+    """``accelerate launch`` with a DeepSpeed config (ACCELERATE_USE_DEEPSPEED for every process)."""
+    return environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def launched_strategy(environ=os.environ) -> tuple[str, int, int] | None:
     """``(strategy, processes per machine, machines)`` of the launcher that started this process, or None
     when none did (a plain ``python -m train``)."""

@@ -7,9 +7,12 @@ where a bf16 matmul is ~200× slower (no native bf16 on AVX2).
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +24,9 @@ from data.tokenizer import stop_token_ids
 from train.config import MethodConfig, ModelConfig
 from train.fast_path import attention
 from train.placement import Placement, release_freed_host_memory
+from train.quantized_loading import QUANTIZED_LOAD, quantized_skeleton
+
+log = logging.getLogger("train")
 
 
 def compute_dtype(requested: str) -> torch.dtype:
@@ -147,14 +153,30 @@ def load_checkpoint(path: str, dtype: torch.dtype, attn_implementation: str) -> 
     """A local safetensors checkpoint, read the way this process's placement says (once per node under
     FSDP and ZeRO-3: call it after ``place_processes``), then the heap that reading freed given back."""
     loaded = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, **_LOAD_SAFELY, attn_implementation=attn_implementation
+        path, dtype=dtype, **load_safely(), attn_implementation=attn_implementation
     )
     release_freed_host_memory()  # transient tensors, zero.Init's gathers
     return loaded
 
 
-# Weights come from a local directory, as safetensors, and never run code shipped with them.
-_LOAD_SAFELY = {"use_safetensors": True, "local_files_only": True, "trust_remote_code": False}
+def hub_kernels_asked() -> bool:
+    """Whether the user asked for transformers' Hub kernels (``USE_HUB_KERNELS=1``). transformers 5 turns them
+    on by default in ``from_pretrained`` (modeling_utils.py:4422, ``USE_HUB_KERNELS`` defaults to YES) and on
+    CUDA swaps RMSNorm and RoPE for ``kernels-community`` layers downloaded from the Hub, again at each
+    ``model.train()`` (:5096): unpinned code from the network, and a failed load or first step on a node
+    without Hub access. Off unless asked; the fast path's kernels are Liger's (train/fast_path.py)."""
+    return os.environ.get("USE_HUB_KERNELS", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def load_safely() -> dict:
+    """``from_pretrained``'s arguments for every model the project loads: weights from a local directory, as
+    safetensors, never code shipped with them or fetched from the Hub (``hub_kernels_asked``)."""
+    return {
+        "use_safetensors": True,
+        "local_files_only": True,
+        "trust_remote_code": False,
+        "use_kernels": hub_kernels_asked(),
+    }
 
 
 def load_4bit(
@@ -167,11 +189,15 @@ def load_4bit(
     placement: Placement | None = None,
 ):
     """The base model as bitsandbytes 4-bit weights (``method``'s quant type, double quantization),
-    quantized on this process's device (``placement``; CPU without one)."""
+    quantized on this process's device (``placement``; CPU without one).
+
+    Under FSDP and ZeRO-3 (``placement.shards_4bit``) no rank quantizes the whole model: this returns the
+    quantized model's skeleton, and at step 0, once the engine has sharded it, rank 0 reads and quantizes
+    one tensor at a time and each rank keeps its shard (train/quantized_loading.py)."""
     from transformers import BitsAndBytesConfig
 
     settings = {}
-    if placement is not None and placement.engine in ("FSDP", "DEEPSPEED"):
+    if placement is not None and (placement.engine in ("FSDP", "DEEPSPEED") or placement.zero3_init):
         # FSDP and ZeRO-3 shard float tensors only: 4-bit weights packed in the compute dtype shard too
         settings["bnb_4bit_quant_storage"] = dtype
     quantization = BitsAndBytesConfig(
@@ -181,13 +207,25 @@ def load_4bit(
         bnb_4bit_compute_dtype=dtype,  # bf16 on GPU; fp32 on CPU, where bf16 compute is ~80x slower
         **settings,
     )
-    device_map = {"": "cpu"} if placement is None else placement.device_map
+    attn_implementation = attention_implementation(model.attn_implementation)
+    if placement is not None and placement.shards_4bit:
+        path, remove = write_random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement)
+        skeleton = quantized_skeleton(path, quantization, dtype, attn_implementation)
+        getattr(skeleton, QUANTIZED_LOAD).remove_after = remove  # once rank 0 has read it, at step 0
+        if placement.is_main:
+            log.info(
+                "QLoRA under %s: the quantized model's skeleton now; its weights at step 0, read and "
+                "quantized by rank 0 one tensor at a time, each rank keeping its shard",
+                "ZeRO-3" if placement.zero3_init else placement.engine,
+            )
+        return stop_at_end_of_turn(skeleton, tokenizer)
+    device_map = {"": torch.device("cpu")} if placement is None else placement.device_map
     if placement is not None and placement.zero3_init:
         device_map = None  # ZeRO-3 places weights itself: transformers refuses a device_map there
     with random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement) as path:
         quantized = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, quantization_config=quantization, device_map=device_map, **_LOAD_SAFELY,
-            attn_implementation=attention_implementation(model.attn_implementation),
+            path, dtype=dtype, quantization_config=quantization, device_map=device_map, **load_safely(),
+            attn_implementation=attn_implementation,
         )  # fmt: skip
     return stop_at_end_of_turn(quantized, tokenizer)
 
@@ -197,15 +235,27 @@ def random_checkpoint(
     model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, placement: Placement | None
 ):
     """``model.path``, or for random weights a checkpoint of them that ``from_pretrained`` can quantize,
-    written once per node by its main process into the node's temporary directory, removed once every rank
-    loaded it.
+    removed once every rank loaded it (``write_random_checkpoint``)."""
+    path, remove = write_random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement)
+    try:
+        yield path
+    finally:
+        if remove is not None:
+            remove()
+
+
+def write_random_checkpoint(
+    model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, placement: Placement | None
+) -> tuple[str, Callable[[], None] | None]:
+    """``model.path`` and None, or for random weights a checkpoint of them, written once per node by its main
+    process into the node's temporary directory, and the function that removes it once every rank has read
+    it (a barrier first, then each node's main process deletes its copy).
 
     Not ``save_pretrained``: once a process group exists it writes on global rank 0 only
     (transformers' ``should_save_on_this_rank``), and every node needs the files.
     """
     if model.path is not None:
-        yield model.path
-        return
+        return model.path, None
     distributed = torch.distributed.is_initialized()
     name = [f"random-weights-{uuid.uuid4().hex}"]
     if distributed:
@@ -218,15 +268,16 @@ def random_checkpoint(
         weights.config.save_pretrained(path)
         save_model(weights, str(path / "model.safetensors"), metadata={"format": "pt"})  # tied weights once
         del weights
-    try:
+    if distributed:
+        torch.distributed.barrier()
+
+    def remove() -> None:
         if distributed:
             torch.distributed.barrier()
-        yield str(path)
-        if distributed:
-            torch.distributed.barrier()
-    finally:
         if local_main:
             shutil.rmtree(path, ignore_errors=True)
+
+    return str(path), remove
 
 
 def build_peft_config(method: MethodConfig) -> LoraConfig | None:

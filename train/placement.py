@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
 
 from train.config import ConfigError, LaunchConfig
-from train.launch_env import launched_with_fsdp, started_by_launcher
+from train.launch_env import launched_with_deepspeed, launched_with_fsdp, started_by_launcher
 
 log = logging.getLogger("train")
 
@@ -59,10 +60,19 @@ class Placement:
         return self.local_rank == 0
 
     @property
-    def device_map(self) -> dict[str, str | int]:
+    def device_map(self) -> dict[str, torch.device]:
         """``from_pretrained``'s device_map for weights that must be placed while loading (bitsandbytes'
-        4-bit quantizes on the device it loads to): this process's own GPU, never GPU 0 for every rank."""
-        return {"": self.device.index if self.device.type == "cuda" else "cpu"}
+        4-bit quantizes on the device it loads to): this process's own GPU, never GPU 0 for every rank. A
+        ``torch.device``, not an index: transformers' kernel mapping reads the device type from it
+        (``integrations/hub_kernels.py:512``, ``get_device_type``), which an int does not have."""
+        return {"": self.device}
+
+    @property
+    def shards_4bit(self) -> bool:
+        """QLoRA's 4-bit weights are sharded by the engine (FSDP, ZeRO-3): then no rank quantizes the whole
+        model; rank 0 quantizes one tensor at a time into each rank's shard (train/quantized_loading.py)."""
+        sharded = self.engine == "FSDP" or self.zero3_init
+        return sharded and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     def main_process_first(self):
         """A context: each node's main process runs the block first, the others after it (accelerate's
@@ -98,9 +108,7 @@ def place_processes(launch: LaunchConfig, args: TrainingArguments) -> Placement:
         )
     device = args.device  # TrainingArguments._setup_devices: PartialState, init_process_group, set_device
     state = PartialState()
-    engine = state.distributed_type
-    if launched_with_fsdp() and engine == DistributedType.MULTI_CPU:
-        engine = DistributedType.FSDP  # on CPU the trainer makes it real FSDP2 (shard_with_fsdp_on_cpu)
+    engine = launch_engine(state.distributed_type)
     placement = Placement(
         rank=state.process_index,
         local_rank=state.local_process_index,
@@ -113,6 +121,19 @@ def place_processes(launch: LaunchConfig, args: TrainingArguments) -> Placement:
     if placement.is_main:
         log.info("placement: %s", placement.describe())
     return placement
+
+
+def launch_engine(backend: DistributedType, environ=os.environ) -> DistributedType:
+    """The engine the trainer's Accelerator will run, known before it exists. ``PartialState`` knows only the
+    backend (MULTI_GPU on CUDA, MULTI_CPU here); the Accelerator makes it FSDP or DEEPSPEED later, from
+    the variables ``accelerate launch`` set (accelerate 1.15, state.py:974 and :1010-1013). Placement
+    decides now how the weights load: FSDP's rank-0 reading, QLoRA's sharded loading, the storage dtype.
+    On CPU the trainer makes FSDP real FSDP2 (``shard_with_fsdp_on_cpu``)."""
+    if launched_with_fsdp(environ) and backend in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        return DistributedType.FSDP
+    if launched_with_deepspeed(environ):
+        return DistributedType.DEEPSPEED
+    return backend
 
 
 def shard_with_fsdp_on_cpu(accelerator: Accelerator, args: TrainingArguments) -> bool:
@@ -143,11 +164,18 @@ def release_freed_host_memory() -> None:
     rank after loading a 1.8 GiB checkpoint (bench/load_memory.py), times every process of a node. No-op
     where the C library is not glibc."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc:
-        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc's ``malloc_trim``: the heap's freed pages back to the OS (``release_freed_host_memory``
+    without its garbage collection, cheap enough to call after every tensor loaded)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+_LIBC = ctypes.util.find_library("c")
+_MALLOC_TRIM = getattr(ctypes.CDLL(_LIBC), "malloc_trim", None) if _LIBC else None
 
 
 class ReleaseLoadingMemory(TrainerCallback):

@@ -21,6 +21,7 @@ from train.launch_check import LaunchCheck
 from train.model import attention_implementation, build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
 from train.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
+from train.quantized_loading import QUANTIZED_LOAD, LoadQuantizedShards
 from train.run_dir import CHECKPOINTS_DIR
 from train.samples import SAMPLES_FILE, SampleGenerations, sample_prompts
 from train.state_bytes import StateBytes
@@ -212,6 +213,9 @@ def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
     given back and the launch is checked; checkpoints are marked COMPLETE, and a stop request (SIGTERM, USR1,
     the stop file) checkpoints and stops; each rank writes what it holds after the first step."""
     trainer.max_shard_size = config.training.max_shard_size  # the final model/ (ShardedOnCpu.save_model)
+    pending = getattr(trainer.model, QUANTIZED_LOAD, None)
+    if pending is not None:  # QLoRA under FSDP/ZeRO-3: the 4-bit weights into each rank's shard, first
+        trainer.add_callback(LoadQuantizedShards(pending, trainer.args.device))
     trainer.add_callback(ReleaseLoadingMemory())
     trainer.add_callback(LaunchCheck(trainer, config.launch))
     training = config.training

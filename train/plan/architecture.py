@@ -57,6 +57,22 @@ def nf4_bytes(elements: int) -> int:
     return elements // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK)
 
 
+def nf4_statistics_bytes(model: ModelConfig) -> int:
+    """The quantization statistics of every decoder Linear (8-bit absmax, fp32 second level): bitsandbytes
+    needs a weight's statistics whole, so FSDP and ZeRO-3 shard the 4-bit codes and leave every rank all of
+    these (``Linear4bit.quant_state``). 1/64 byte per parameter and a little: 6.2 GB for 405B."""
+    per_layer = 0
+    for i, o in linear_shapes(model).values():
+        blocks = math.ceil(i * o / NF4_BLOCK)
+        per_layer += blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK)
+    return model.num_hidden_layers * per_layer
+
+
+def largest_tensor(model: ModelConfig) -> int:
+    """Elements of the largest single weight: the embedding (and LM head), or the largest decoder Linear."""
+    return max(model.vocab_size * model.hidden_size, *(i * o for i, o in linear_shapes(model).values()))
+
+
 def weight_bytes(model: ModelConfig) -> dict[str, int]:
     """All weights at 2 / 1 / 0.5 bytes each, and as bitsandbytes loads QLoRA (``nf4_bnb``).
 

@@ -16,6 +16,7 @@ from train.config import STRATEGIES, Config, MethodConfig, ModelConfig
 from train.plan.architecture import (
     count_parameters,
     decoder_linear_parameters,
+    largest_tensor,
     largest_trainable_tensor,
     largest_unit,
     layer_parameters,
@@ -23,6 +24,7 @@ from train.plan.architecture import (
     lora_parameters,
     lora_targets,
     nf4_linear_bytes,
+    nf4_statistics_bytes,
     trainable_parameters,
     unquantized_parameters,
 )
@@ -335,8 +337,9 @@ def per_gpu_bytes(
         raise ValueError(f"launch.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     per_param = trainable_bytes(method, strategy, optim, compute_bytes(model), on_gpu=on_gpu)
     trainable = trainable_parameters(model, method)
+    statistics = nf4_statistics_bytes(model) if method.name == "qlora" else 0  # every rank's, whole
     states = {
-        "weights": frozen_bytes(model, method) + trainable * per_param.weight,
+        "weights": frozen_bytes(model, method) - statistics + trainable * per_param.weight,
         "gradients": trainable * per_param.grad,
         "master": trainable * per_param.master,
         "optimizer": trainable * per_param.optimizer,
@@ -348,12 +351,13 @@ def per_gpu_bytes(
     else:
         shards_of = dict.fromkeys(states, gpus if strategy in SHARDED else 1)
     parts = {key: -(-value // shards_of[key]) for key, value in states.items()}
+    parts["quant_statistics"] = statistics
     if strategy == "zero3":  # one optimizer sub-group at a time
         parts["step_temporaries"] = per_param.step_temp * min(-(-trainable // gpus), DEEPSPEED_SUB_GROUP)
     if strategy in TORCH_ENGINES and not on_gpu and per_param.optimizer:  # torch's per-tensor AdamW:
         largest = -(-largest_trainable_tensor(model, method) // (gpus if strategy == "fsdp" else 1))
         parts["step_temporaries"] = 2 * 4 * largest  # sqrt(exp_avg_sq) and its quotient, one tensor at a time
-    cpu_total = sum(states.values()) if strategy == "zero3_offload" else 0
+    cpu_total = sum(states.values()) + statistics if strategy == "zero3_offload" else 0
     if strategy == "zero3_offload":  # DeepSpeed keeps all of it in CPU memory
         parts = dict.fromkeys(parts, 0)
     parts["gathered_unit"] = gathered_unit_bytes(model, method) if strategy in SHARDED else 0
@@ -378,6 +382,8 @@ def per_gpu_bytes(
         parts["peak"] = resident + max(backward, grads + step)
     parts["cpu_total"] = cpu_total
     parts["offloaded_activations"] = offloaded
+    held = sum(parts[key] for key in ("weights", "quant_statistics", "reference"))  # as loading placed them
+    parts["load"] = held + load_transient_bytes(model, method, strategy, gpus, on_gpu=on_gpu)
     return parts
 
 
@@ -391,6 +397,31 @@ def checkpoint_bytes(model: ModelConfig, method: MethodConfig, strategy: str, op
     return trainable_parameters(model, method) * (per_param.weight + per_param.master + per_param.optimizer)
 
 
+# ── loading the checkpoint: the peak on one GPU before training ─────────────────────────
+def load_transient_bytes(
+    model: ModelConfig, method: MethodConfig, strategy: str, gpus: int, *, on_gpu: bool = True
+) -> int:
+    """What loading holds on a GPU beside the weights already placed, at its worst.
+
+    single, ddp, zero2: transformers places each tensor where it stays; QLoRA quantizes each decoder
+    Linear from a copy in the compute dtype on the device (the largest Linear). FSDP, ZeRO-3: one whole
+    tensor in flight, the largest (LM head or a Linear) in the dtype it loads in: accelerate's broadcast
+    and each rank's cut of it (FSDP), the gathered parameter (ZeRO-3); the same for QLoRA, whose tensors
+    rank 0 quantizes at step 0 (train/quantized_loading.py). On a CPU, ZeRO-3 QLoRA's rank 0 holds the
+    tensor it read beside the gathered parameter it copies it into: two."""
+    compute = compute_bytes(model)
+    if strategy in ("single", "ddp", "zero2"):
+        largest_linear = max(i * o for i, o in linear_shapes(model).values())
+        return compute * largest_linear if method.name == "qlora" else 0
+    dtype = 4 if method.name == "full" and strategy in TORCH_ENGINES else compute
+    tensor = dtype * largest_tensor(model)
+    if strategy == "fsdp":
+        return tensor + -(-tensor // gpus)
+    if method.name == "qlora" and strategy == "zero3" and not on_gpu:
+        return 2 * tensor
+    return tensor
+
+
 # ── host RAM per node: loading the checkpoint, saving the final model ──────────────────
 def host_bytes_per_node(
     model: ModelConfig, method: MethodConfig, strategy: str, processes_per_node: int, reference: str = "none"
@@ -402,8 +433,10 @@ def host_bytes_per_node(
     others hold meta tensors until accelerate broadcasts) and ZeRO-3 (zero.Init: rank 0 reads the
     state dict). Full fine-tuning loads fp32 under torch engines (accelerate's FSDP2 upcasts a bf16 load
     to fp32 on rank 0 before sharding), the compute dtype under DeepSpeed; LoRA loads its base in the
-    compute dtype; QLoRA quantizes tensor by tensor onto its device (nothing whole on the host). A full
-    fine-tune's DPO reference is a second copy under the same rule.
+    compute dtype. QLoRA holds nothing whole on the host: each process that reads (every process under
+    single/ddp/zero2; rank 0 alone under FSDP/ZeRO-3, train/quantized_loading.py) holds the tensor it is
+    quantizing onto its device, one at a time (``load_transient_bytes``). A full fine-tune's DPO reference
+    is a second copy under the same rule.
     Save: full fine-tuning streams the weights in the compute dtype through one writing process (global
     rank 0, train/sharded_save.py) that holds one safetensors file at a time: at most
     ``SAVE_SHARD_BYTES``, or one tensor when a tensor is bigger; an adapter is small, fp32.
@@ -415,7 +448,7 @@ def host_bytes_per_node(
     elif method.name == "lora":
         load = params * compute
     else:
-        load = 0
+        load = compute * largest_tensor(model)  # QLoRA: the tensor being quantized, per reading process
     load += reference_bytes(model, method, reference) if reference == "weights" else 0
     if method.name == "full":
         largest = largest_trainable_tensor(model, method)

@@ -17,8 +17,10 @@ def _reference_line(plan: MemoryPlan) -> str:
 
 def _host_lines(plan: MemoryPlan) -> list[str]:
     load, save = plan.host_bytes_per_node["load"], plan.host_bytes_per_node["save"]
-    if plan.method == "qlora":
-        how = "bitsandbytes quantizes tensor by tensor onto the device"
+    if plan.method == "qlora" and plan.strategy in ("fsdp", "zero3"):
+        how = "rank 0 reads and quantizes one tensor at a time; each rank keeps its shard"
+    elif plan.method == "qlora":
+        how = "each process quantizes one tensor at a time onto its device"
     elif plan.strategy in ("ddp", "zero2"):
         how = f"each of the node's {plan.gpus // plan.nodes} processes reads the checkpoint"
     elif plan.strategy == "single":
@@ -77,6 +79,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"per {unit} at the peak:",
         *(f"  {part:<16}{gib(size):>17}" for part, size in plan.per_gpu_bytes.items() if size),
         f"  {'peak':<16}{gib(plan.peak_bytes_per_gpu):>17}  = " + _peak_rule(plan),
+        f"  {'loading peak':<16}{gib(plan.load_bytes_per_gpu):>17}  = weights as placed + "
+        + _load_rule(plan),
     ]
     if plan.cpu_bytes_per_node:
         lines.append(f"  CPU memory per node (offloaded states): {gib(plan.cpu_bytes_per_node)}")
@@ -84,8 +88,8 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.method == "qlora" and plan.strategy == "zero3_offload":
         lines.append("note: QLoRA cannot run here: DeepSpeed cannot offload bitsandbytes' Params4bit")
     lines += [
-        f"fits: {'yes' if plan.fits else 'NO'} (peak {gib(plan.peak_bytes_per_gpu)} vs "
-        f"{gib(plan.usable_bytes)} usable)",
+        f"fits: {'yes' if plan.fits else 'NO'} (peak "
+        f"{gib(max(plan.peak_bytes_per_gpu, plan.load_bytes_per_gpu))} vs {gib(plan.usable_bytes)} usable)",
         f"smallest setup that fits on {plan.recommended_on}: "
         + (f"{rec.overrides()}, peak {gib(rec.peak_bytes_per_gpu)} per GPU" if rec else "none"),
         "assumptions:",
@@ -102,6 +106,16 @@ def _kernels_line(plan: MemoryPlan) -> str:
         + ("packed rows under sdpa (a seq² mask per row)" if kernels["packed_mask"] else "no dense mask")
         + " (train/fast_path.py)"
     )
+
+
+def _load_rule(plan: MemoryPlan) -> str:
+    if plan.strategy in ("single", "local", "ddp", "zero2"):
+        return "the largest Linear, being quantized" if plan.method == "qlora" else "nothing (placed in turn)"
+    if plan.strategy == "fsdp":
+        return "the largest tensor whole and this GPU's cut of it (rank 0's broadcast)"
+    if plan.method == "qlora" and plan.strategy == "zero3" and plan.device_kind != "cuda":
+        return "the largest tensor twice (rank 0's read, the gathered parameter it writes)"
+    return "the largest tensor, gathered"
 
 
 def _peak_rule(plan: MemoryPlan) -> str:

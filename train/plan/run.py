@@ -77,7 +77,7 @@ def recommend(
             model, method, strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
             reference=reference, kernels=kernels, seq_len=seq_len,
         )  # fmt: skip
-        return parts["peak"]
+        return max(parts["peak"], parts["load"])  # training, or loading before it
 
     def rec(strategy: str, gpus: int) -> Recommendation:
         name = "local" if strategy == "single" else strategy
@@ -131,6 +131,7 @@ class MemoryPlan:
     logits_unfused_bytes: int
     per_gpu_bytes: dict[str, int]
     peak_bytes_per_gpu: int
+    load_bytes_per_gpu: int  # loading's peak, before training: the weights placed + tensors in flight
     cpu_bytes_per_node: int  # ZeRO-3 offload's states in host RAM
     host_bytes_per_node: dict[str, int]  # host RAM while loading the checkpoint / saving the final model
     checkpoint_bytes: int  # one training checkpoint, all ranks: what each save (and a stop request) writes
@@ -148,7 +149,7 @@ class MemoryPlan:
         return out
 
 
-_NOT_PER_GPU = ("peak", "cpu_total", "offloaded_activations")
+_NOT_PER_GPU = ("peak", "load", "cpu_total", "offloaded_activations")
 
 
 def plan_memory(
@@ -183,6 +184,7 @@ def plan_memory(
         resolved, method, launch.strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
         reference=reference, on_gpu=on_gpu, kernels=kernels, seq_len=seq_len, context_parallel=launch.cp_size,
     )  # fmt: skip
+    load = parts["load"]
     gpu = device if on_gpu else Device.configured(launch)
     host = host_bytes_per_node(resolved, method, launch.strategy, launch.num_processes, reference)
     host["offloaded_activations"] = launch.num_processes * parts["offloaded_activations"]
@@ -202,11 +204,12 @@ def plan_memory(
         activations_bytes=checkpointing, kernels=dataclasses.asdict(kernels),
         logits_unfused_bytes=tokens * model.vocab_size * 4,
         per_gpu_bytes={k: v for k, v in parts.items() if k not in _NOT_PER_GPU},
-        peak_bytes_per_gpu=parts["peak"], cpu_bytes_per_node=-(-parts["cpu_total"] // launch.num_machines),
+        peak_bytes_per_gpu=parts["peak"], load_bytes_per_gpu=load,
+        cpu_bytes_per_node=-(-parts["cpu_total"] // launch.num_machines),
         host_bytes_per_node=host,
         checkpoint_bytes=checkpoint_bytes(resolved, method, launch.strategy, optim),
         gpu_memory_bytes=memory, usable_bytes=int(usable_fraction * memory),
-        fits=parts["peak"] <= usable_fraction * memory,
+        fits=max(parts["peak"], load) <= usable_fraction * memory,
         recommended=recommend(gpu.resolve(model), method, tokens=tokens, optim=optim,
                               gpu_memory_bytes=gpu.memory_bytes, accumulation=accumulation,
                               usable_fraction=usable_fraction, reference=reference, kernels=kernels,
