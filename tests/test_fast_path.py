@@ -188,3 +188,12 @@ def test_context_parallelism_divides_what_each_token_costs_per_gpu():
     alone, split = plan(1), plan(8)
     assert split["activations"] * 8 == pytest.approx(alone["activations"], rel=1e-6)
     assert split["weights"] == alone["weights"]  # FSDP shards over all 8 GPUs either way
+
+
+def test_flash_attention_asked_without_flash_attn_is_refused_not_fetched_from_the_hub():
+    """transformers would swap in a kernels-community flash-attn fetched from the Hub; refused before
+    anything loads, with the fix (flash-attn is not installed on this machine)."""
+    config = load_config(composed("model.attn_implementation=flash_attention_2"))
+    with pytest.raises(ConfigError) as error:
+        fast_path(config.training, "sft", "flash_attention_2", on_gpu=True)
+    assert "model.attn_implementation=flash_attention_2: flash-attn is not installed here" in str(error.value)

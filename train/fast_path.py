@@ -111,6 +111,13 @@ def fast_path(
             f"training.use_liger_kernel=true: liger-kernel is not installed; pip install '{LIGER}' "
             "(or pip install -e '.[gpu]'), or use training.use_liger_kernel=auto"
         )
+    if attention.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+        # transformers 5.25 would not fail but fetch kernels-community/flash-attn from the Hub in its place
+        # (modeling_utils.py:1778-1795, whatever use_kernels says): unpinned code, or a failed load offline
+        problems.append(
+            f"model.attn_implementation={attention}: flash-attn is not installed here; pip install "
+            "flash-attn, or use model.attn_implementation=auto (FlashAttention-2 where installed, else sdpa)"
+        )
     if training.activation_offloading and not on_gpu:
         problems.append(
             "training.activation_offloading=true: TRL offloads activations with CUDA streams and this "
