@@ -2,7 +2,7 @@
 weight loads, so a big checkpoint is read once per node and each rank's weights land on its own GPU.
 
 transformers and accelerate do this implicitly, but only once the trainer has built its arguments, and a
-model loaded before that misses all of it (transformers 5.24, accelerate 1.15, read from their sources):
+model loaded before that misses all of it (transformers 5.25, accelerate 1.15, read from their sources):
 
 - the process group: ``TrainingArguments`` creates accelerate's ``PartialState`` (``_setup_devices``),
   which calls ``init_process_group`` and, on a GPU, ``torch.cuda.set_device(LOCAL_RANK)``;

@@ -84,7 +84,7 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
         fp16=dtype == torch.float16,
         # CPU runs: accelerate must not pick a GPU backend, and DDP over gloo needs it (see launch/).
         use_cpu=use_cpu,
-        # transformers 5.24's name for gradient_checkpointing, which it still sets from this (TRL reads it)
+        # transformers 5.25's name for gradient_checkpointing, which it still sets from this (TRL reads it)
         activation_checkpointing=config.model.gradient_checkpointing,
         **training,
         **settings,
