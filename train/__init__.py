@@ -6,9 +6,10 @@ which no user can act on, are quieted here, before those libraries are imported.
 import logging
 import warnings
 
-# bitsandbytes 0.50 (backends/cpu/ops.py) logs this at import on CPUs with AVX512-BF16 when the optional
-# `kernels` package (for kernels-community's 4-bit CPU matmul) is missing; it then uses its own compiled CPU
-# kernel instead, so nothing is wrong (`pip install kernels` to use that one).
+# bitsandbytes 0.50 (backends/cpu/ops.py:242-255) asks the `kernels` package at import, on CPUs with
+# AVX512-BF16, for kernels-community's 4-bit CPU matmul from the Hub, and logs this when it does not get it
+# (kernels 0.19 refuses the publisher as unverified, or the Hub is offline); it then uses its own compiled
+# CPU kernel, so nothing is wrong. Only CPU 4-bit inference would use that kernel; a GPU never does.
 _KERNELS_COMMUNITY_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith(_KERNELS_COMMUNITY_NOTE)

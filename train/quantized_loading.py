@@ -104,6 +104,10 @@ def quantized_skeleton(
             seen.add(id(meta))
             key = f"{module_name}.{name}" if module_name else name
             if isinstance(meta, Params4bit):
+                # bitsandbytes repacks a weight for its AVX512-BF16 CPU kernel at the first eval forward and
+                # marks the shared quant_state so (nn/modules.py:613-620); the engine's next gather brings
+                # the original packing back under that mark, and evaluation reads garbage. CPU only.
+                module.support_avx512bf16_for_cpu = False
                 recipe = dict(meta.__dict__)  # blocksize, quant_type, compress_statistics, storage, module
                 packed = ((meta.numel() + 1) // (storage.itemsize * 2), 1)  # bitsandbytes' quantize_4bit
                 unwritten = Params4bit(
