@@ -24,7 +24,7 @@ from data.tokenizer import stop_token_ids
 from train.config import MethodConfig, ModelConfig
 from train.fast_path import attention
 from train.placement import Placement, release_freed_host_memory
-from train.quantized_loading import QUANTIZED_LOAD, quantized_skeleton
+from train.quantized_loading import QUANTIZED_LOAD, partition_for_zero3, quantized_skeleton
 
 log = logging.getLogger("train")
 
@@ -212,12 +212,14 @@ def load_4bit(
         path, remove = write_random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement)
         skeleton = quantized_skeleton(path, quantization, dtype, attn_implementation)
         getattr(skeleton, QUANTIZED_LOAD).remove_after = remove  # once rank 0 has read it, at step 0
+        engine = placement.engine
+        if placement.zero3_init:
+            engine = f"ZeRO-3 ({partition_for_zero3(skeleton, placement.device)} parameters partitioned now)"
         if placement.is_main:
             log.info(
                 "QLoRA under %s: the quantized model's skeleton now; its weights at step 0, read and "
-                "quantized by rank 0 one tensor at a time, each rank keeping its shard",
-                "ZeRO-3" if placement.zero3_init else placement.engine,
-            )
+                "quantized by rank 0 one tensor at a time, each rank keeping its shard", engine,
+            )  # fmt: skip
         return stop_at_end_of_turn(skeleton, tokenizer)
     device_map = {"": torch.device("cpu")} if placement is None else placement.device_map
     if placement is not None and placement.zero3_init:

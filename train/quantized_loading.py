@@ -16,9 +16,11 @@ Two steps, around the engine's own sharding, which stays the engine's:
 
 1. ``quantized_skeleton``, where ``from_pretrained`` would load: the model transformers' bitsandbytes
    quantizer builds (``Linear4bit`` for the linears, the quantizer's attributes), each weight an unwritten
-   host tensor of its final shape: address space the OS backs only when a page is written. The engine's
-   sharding (FSDP2's ``fully_shard``, DeepSpeed's parameter conversion) copies each rank's part out of it
-   (on a GPU through one layer's transient copy on the device), so no rank ever writes more than its shard.
+   host tensor of its final shape: address space the OS backs only when a page is written. FSDP2's
+   ``fully_shard`` copies each rank's part out of it (on a GPU through one unit's transient copy on the
+   device), so no rank ever writes more than its shard. Under ZeRO-3 ``partition_for_zero3`` hands it to
+   DeepSpeed's ``zero.Init`` at once, one tensor at a time: left to ``deepspeed.initialize``, a model not
+   built under ``zero.Init`` is first moved whole to every GPU (``engine.py:2093-2094``) and broadcast.
 2. ``LoadQuantizedShards``, at step 0, once the engine has sharded: rank 0 reads one tensor from the
    checkpoint and quantizes it exactly as ``from_pretrained`` does (transformers' ``Bnb4bitQuantize``), and
    every rank keeps its shard of it: FSDP's local DTensor shard from rank 0's broadcast, ZeRO-3's partition
@@ -135,6 +137,22 @@ def quantized_skeleton(
     model.eval()
     setattr(model, QUANTIZED_LOAD, plan)
     return model
+
+
+def partition_for_zero3(model: PreTrainedModel, device: torch.device) -> int:
+    """The skeleton partitioned by DeepSpeed's ``zero.Init`` now, one parameter at a time (moved to
+    ``device``, broadcast from rank 0, cut: deepspeed partition_parameters.py:1200-1215), as
+    ``from_pretrained`` partitions an unquantized model while it loads; returns how many parameters it
+    partitioned. ``deepspeed.initialize`` then finds a zero.Init model (every parameter has ``ds_id``) and
+    neither moves the whole model to the GPU nor broadcasts it (engine.py:2077-2094, 2194). Buffers (the
+    rotary frequencies) are the module's own: moved here, as zero.Init's construction context would have."""
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
+    for buffer in model.buffers():
+        buffer.data = buffer.data.to(device)
+    return sum(hasattr(parameter, "ds_id") for parameter in model.parameters())
 
 
 def load_quantized_shards(plan: ShardedQuantizedLoad, device: torch.device) -> None:
