@@ -100,7 +100,6 @@ def main(cfg: DictConfig) -> float | None:
     from train.trainer import build_trainer, resume_checkpoint, training_args
 
     dtype = compute_dtype(config.model.dtype)
-    reset_peak_memory()  # this run's peak alone, even as one point of a sweep in this process
 
     # ── placement: accelerate's state (process group, this rank's device) before any weight loads ──
     try:
@@ -109,6 +108,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    # this run's peak alone, even as one point of a sweep in this process; after placement, which set this
+    # rank's GPU: before it, every rank would touch (and create a CUDA context on) GPU 0
+    reset_peak_memory()
     if placement.is_main:
         save_resolved_config(cfg, run_dir)
         log.info("run directory %s; computing in %s", run_dir, dtype)

@@ -72,6 +72,17 @@ def attention(requested: str, on_gpu: bool) -> str:
     return "flash_attention_2" if flash else "sdpa"
 
 
+def flash_attention_available(implementation: str) -> bool:
+    """Whether transformers itself finds the package ``flash_attention_<n>`` needs, by its own check (the
+    distribution, its version, a device: modeling_flash_attention_utils.py:98), which a bare import of
+    ``flash_attn`` does not make: an old flash-attn imports and is still refused there."""
+    from transformers.modeling_flash_attention_utils import FLASH_ATTENTION_COMPATIBILITY_MATRIX
+
+    version = implementation.removeprefix("flash_attention_")
+    entry = FLASH_ATTENTION_COMPATIBILITY_MATRIX.get(int(version)) if version.isdigit() else None
+    return entry is not None and bool(entry["general_availability_check"]())
+
+
 def resolve(
     training: TrainingConfig, stage: str, attention: str, on_gpu: bool, context_parallel: int = 1
 ) -> FastPath:
@@ -111,12 +122,13 @@ def fast_path(
             f"training.use_liger_kernel=true: liger-kernel is not installed; pip install '{LIGER}' "
             "(or pip install -e '.[gpu]'), or use training.use_liger_kernel=auto"
         )
-    if attention.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+    if attention.startswith("flash_attention") and not flash_attention_available(attention):
         # transformers 5.25 would not fail but fetch kernels-community/flash-attn from the Hub in its place
         # (modeling_utils.py:1778-1795, whatever use_kernels says): unpinned code, or a failed load offline
         problems.append(
-            f"model.attn_implementation={attention}: flash-attn is not installed here; pip install "
-            "flash-attn, or use model.attn_implementation=auto (FlashAttention-2 where installed, else sdpa)"
+            f"model.attn_implementation={attention}: no flash-attn package that transformers accepts for "
+            "it is installed here (flash-attn >= 2.3.3 for flash_attention_2); install it, or use "
+            "model.attn_implementation=sdpa"
         )
     if training.activation_offloading and not on_gpu:
         problems.append(

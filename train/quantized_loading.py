@@ -25,7 +25,8 @@ Two steps, around the engine's own sharding, which stays the engine's:
    checkpoint and quantizes it exactly as ``from_pretrained`` does (transformers' ``Bnb4bitQuantize``), and
    every rank keeps its shard of it: FSDP's local DTensor shard from rank 0's broadcast, ZeRO-3's partition
    through DeepSpeed's ``GatheredParameters(modifier_rank=0)``. The quantization statistics (absmax and
-   codes: 1/64 of a weight's bytes, or less) are every rank's, as bitsandbytes needs them whole.
+   codes: a byte per 64 weights with double quantization, 1/32 of the 4-bit codes) are every rank's,
+   as bitsandbytes needs them whole.
 
 Drop this module when transformers loads a quantized model under FSDP and ZeRO-3 as it loads the others.
 """
