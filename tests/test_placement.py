@@ -112,9 +112,11 @@ def load_memory(tmp_path_factory):
 @pytest.mark.slow
 def test_a_checkpoint_is_read_once_per_node_under_fsdp_and_zero3(load_memory):
     """At step 0 rank 1 of a DDP launch holds a whole copy of the weights; under FSDP it holds its half,
-    received from rank 0's broadcast, and under ZeRO-3 its partition, cut while rank 0 read. While loading,
-    a sharded rank also holds one whole tensor at a time (the 0.49 GiB LM head here); DDP's about two
-    copies. Generous margins: this proves the ordering, bench/load_memory.py prints the figures."""
+    received from rank 0's broadcast, and under ZeRO-3 its partition, cut while rank 0 read; neither maps
+    the checkpoint. While loading, an FSDP rank also holds one whole tensor at a time (the 0.49 GiB LM head
+    here), DDP's about two copies; ZeRO-3's rank 1 peaks higher than FSDP's (zero.Init's construction and
+    gathers, freed heap kept until loading ends: 3.05 GiB anonymous in docs/benchmarks.md), yet under DDP's.
+    Generous margins: this proves the ordering, bench/load_memory.py prints the figures."""
     size, runs = load_memory
     held = {name: run["held"][1] - run["before"][1] for name, run in runs.items() if name.endswith(":lora")}
     loading = {
@@ -123,8 +125,9 @@ def test_a_checkpoint_is_read_once_per_node_under_fsdp_and_zero3(load_memory):
     assert held["ddp:lora"] > 0.9 * size, held
     for sharded in ("fsdp:lora", "zero3:lora"):
         assert held[sharded] < 0.7 * size, (sharded, held)
-        assert loading[sharded] < loading["ddp:lora"] - 0.4 * size, (sharded, loading)
         assert runs[sharded]["checkpoint_pages"][1] < 0.1 * size, runs[sharded]["checkpoint_pages"]
+    assert loading["fsdp:lora"] < loading["ddp:lora"] - 0.4 * size, loading
+    assert loading["zero3:lora"] < loading["ddp:lora"], loading
     assert "checkpoint read by local rank 0, broadcast to the others (FSDP)" in runs["fsdp:lora"]["log"]
     assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in runs["zero3:lora"]["log"]
     assert "every process reads the checkpoint" in runs["ddp:lora"]["log"]
