@@ -197,7 +197,7 @@ def load_4bit(
     from transformers import BitsAndBytesConfig
 
     settings = {}
-    if placement is not None and (placement.engine in ("FSDP", "DEEPSPEED") or placement.zero3_init):
+    if placement is not None and placement.engine in ("FSDP", "DEEPSPEED"):
         # FSDP and ZeRO-3 shard float tensors only: 4-bit weights packed in the compute dtype shard too
         settings["bnb_4bit_quant_storage"] = dtype
     quantization = BitsAndBytesConfig(
@@ -222,8 +222,6 @@ def load_4bit(
             )  # fmt: skip
         return stop_at_end_of_turn(skeleton, tokenizer)
     device_map = {"": torch.device("cpu")} if placement is None else placement.device_map
-    if placement is not None and placement.zero3_init:
-        device_map = None  # ZeRO-3 places weights itself: transformers refuses a device_map there
     with random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement) as path:
         quantized = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, quantization_config=quantization, device_map=device_map, **load_safely(),

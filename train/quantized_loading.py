@@ -62,19 +62,21 @@ class ShardedQuantizedLoad:
 
     checkpoint: Path
     dtype: torch.dtype
+    files: dict[str, Path]  # checkpoint key -> its safetensors file (``checkpoint_files``)
     weights: list[tuple[torch.nn.Module, str, str, dict | None]] = field(default_factory=list)
     done: bool = False
     remove_after: Callable[[], None] | None = None  # a random-weight checkpoint written for this run
 
-    def files(self) -> dict[str, Path]:
-        """Checkpoint key -> its safetensors file (one file, or a sharded checkpoint's index)."""
-        index = self.checkpoint / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {key: self.checkpoint / name for key, name in weight_map.items()}
-        single = self.checkpoint / "model.safetensors"
-        with safe_open(str(single), framework="pt") as reader:
-            return dict.fromkeys(reader.keys(), single)
+
+def checkpoint_files(checkpoint: Path) -> dict[str, Path]:
+    """Checkpoint key -> its safetensors file (one file, or a sharded checkpoint's index)."""
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: checkpoint / name for key, name in weight_map.items()}
+    single = checkpoint / "model.safetensors"
+    with safe_open(str(single), framework="pt") as reader:
+        return dict.fromkeys(reader.keys(), single)
 
 
 QUANTIZED_LOAD = "sharded_quantized_load"  # the model's attribute that carries its ShardedQuantizedLoad
@@ -97,7 +99,7 @@ def quantized_skeleton(
     with init_empty_weights(include_buffers=False):  # as from_pretrained builds it: weights on meta
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
         quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None)
-    plan = ShardedQuantizedLoad(checkpoint=Path(path), dtype=dtype)
+    plan = ShardedQuantizedLoad(checkpoint=Path(path), dtype=dtype, files=checkpoint_files(Path(path)))
     storage = quantization.bnb_4bit_quant_storage
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -123,8 +125,7 @@ def quantized_skeleton(
             setattr(module, name, unwritten)
     if config.tie_word_embeddings:
         model.tie_weights()
-    files = plan.files()
-    missing = [key for _, _, key, _ in plan.weights if key not in files]
+    missing = [key for _, _, key, _ in plan.weights if key not in plan.files]
     if missing:
         raise CheckpointKeyError(
             f"{path}: the checkpoint has no {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
@@ -164,12 +165,11 @@ def load_quantized_shards(plan: ShardedQuantizedLoad, device: torch.device) -> N
     from torch.distributed.tensor import DTensor
 
     rank = torch.distributed.get_rank()
-    files = plan.files() if rank == 0 else {}
     readers: dict[Path, object] = {}
     for module, name, key, recipe in plan.weights:
         value, statistics = None, [None]
         if rank == 0:
-            file = files[key]
+            file = plan.files[key]
             if file not in readers:
                 readers[file] = safe_open(str(file), framework="pt", device="cpu")
             value = readers[file].get_tensor(key).to(plan.dtype)

@@ -21,6 +21,7 @@ from train.launch_check import LaunchCheck
 from train.model import attention_implementation, build_peft_config
 from train.outputs import METRICS_FILE, MetricsJsonl
 from train.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
+from train.plan.architecture import LINEARS
 from train.quantized_loading import QUANTIZED_LOAD, LoadQuantizedShards
 from train.run_dir import CHECKPOINTS_DIR
 from train.samples import SAMPLES_FILE, SampleGenerations, sample_prompts
@@ -66,9 +67,8 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
     # under no_grad, which DDP does not track). Not so for an adapter on lm_head: TRL's fused LM head (GPU)
     # reads lm_head.weight and skips the adapter. A regex target_modules keeps transformers' choice too.
     targets = config.method.target_modules  # None: peft's default for Llama, q_proj and v_proj
-    decoder_linears = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     decoder_only = targets == "all-linear" or (  # peft's all-linear leaves out the output layer
-        not isinstance(targets, str) and set(targets or ()) <= decoder_linears
+        not isinstance(targets, str) and set(targets or ()) <= set(LINEARS)
     )
     if config.method.name == "full" or decoder_only:
         training.setdefault("ddp_find_unused_parameters", False)

@@ -53,24 +53,31 @@ def largest_unit(model: ModelConfig) -> int:
 
 def nf4_bytes(elements: int) -> int:
     """One bitsandbytes NF4 tensor with double quantization: 4-bit codes, 8-bit absmax, fp32 second level."""
+    return elements // 2 + nf4_statistics(elements)
+
+
+def nf4_statistics(elements: int) -> int:
+    """The quantization statistics of one NF4 tensor with double quantization: an 8-bit absmax per block of
+    64, an fp32 second-level absmax per 256 blocks."""
     blocks = math.ceil(elements / NF4_BLOCK)
-    return elements // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK)
+    return blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK)
 
 
 def nf4_statistics_bytes(model: ModelConfig) -> int:
-    """The quantization statistics of every decoder Linear (8-bit absmax, fp32 second level): bitsandbytes
-    needs a weight's statistics whole, so FSDP and ZeRO-3 shard the 4-bit codes and leave every rank all of
-    these (``Linear4bit.quant_state``). 1/64 byte per parameter and a little: 6.2 GB for 405B."""
-    per_layer = 0
-    for i, o in linear_shapes(model).values():
-        blocks = math.ceil(i * o / NF4_BLOCK)
-        per_layer += blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK)
-    return model.num_hidden_layers * per_layer
+    """The quantization statistics of every decoder Linear: bitsandbytes needs a weight's statistics whole,
+    so FSDP and ZeRO-3 shard the 4-bit codes and leave every rank all of these (``Linear4bit.quant_state``).
+    1/64 byte per parameter and a little: 6.2 GB for 405B."""
+    return model.num_hidden_layers * sum(nf4_statistics(i * o) for i, o in linear_shapes(model).values())
+
+
+def largest_linear(model: ModelConfig) -> int:
+    """Elements of the largest decoder Linear."""
+    return max(i * o for i, o in linear_shapes(model).values())
 
 
 def largest_tensor(model: ModelConfig) -> int:
     """Elements of the largest single weight: the embedding (and LM head), or the largest decoder Linear."""
-    return max(model.vocab_size * model.hidden_size, *(i * o for i, o in linear_shapes(model).values()))
+    return max(model.vocab_size * model.hidden_size, largest_linear(model))
 
 
 def weight_bytes(model: ModelConfig) -> dict[str, int]:

@@ -16,6 +16,7 @@ from train.config import STRATEGIES, Config, MethodConfig, ModelConfig
 from train.plan.architecture import (
     count_parameters,
     decoder_linear_parameters,
+    largest_linear,
     largest_tensor,
     largest_trainable_tensor,
     largest_unit,
@@ -411,8 +412,7 @@ def load_transient_bytes(
     tensor it read beside the gathered parameter it copies it into: two."""
     compute = compute_bytes(model)
     if strategy in ("single", "ddp", "zero2"):
-        largest_linear = max(i * o for i, o in linear_shapes(model).values())
-        return compute * largest_linear if method.name == "qlora" else 0
+        return compute * largest_linear(model) if method.name == "qlora" else 0
     dtype = 4 if method.name == "full" and strategy in TORCH_ENGINES else compute
     tensor = dtype * largest_tensor(model)
     if strategy == "fsdp":
