@@ -242,7 +242,7 @@ def check_method(method: str, overrides: list[str], run_dir: Path) -> dict:
 def build_qlora(overrides: list[str]):
     """The QLoRA model as ``python -m train`` builds it (accelerate's state, then ``build_model`` with that
     placement), and the placement."""
-    from data import load_tokenizer
+    from data import tokenizer_for
     from train.config import compose_config, load_config
     from train.model import build_model, compute_dtype
     from train.placement import place_processes
@@ -252,7 +252,7 @@ def build_qlora(overrides: list[str]):
     dtype = compute_dtype(config.model.dtype)
     with tempfile.TemporaryDirectory() as scratch:
         placement = place_processes(config.launch, training_args(config, Path(scratch), dtype))
-    tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
+    tokenizer = tokenizer_for(config.model)
     model = build_model(
         config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method,
         placement=placement,

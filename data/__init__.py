@@ -1,4 +1,4 @@
-"""The chat-template data module: OpenAssistant-style data → exact Llama 3.1 tokens + assistant masks.
+"""The chat-template data module: OpenAssistant-style data → exact Llama 3 tokens + assistant masks.
 
 Usable on its own (imports neither ``train`` nor ``launch``)::
 
@@ -23,6 +23,7 @@ _PUBLIC = {
     "encode_chat": "data.chat",
     "validate_messages": "data.chat",
     "load_tokenizer": "data.tokenizer",
+    "tokenizer_for": "data.tokenizer",
     "Preferences": "data.preference",
     "load_preferences": "data.preference",
     "unpaired": "data.preference",

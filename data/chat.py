@@ -1,10 +1,12 @@
-"""The Llama 3.1 chat encoder: messages → token ids + per-token assistant masks.
+"""The Llama 3 chat encoder: messages → token ids + per-token assistant masks.
 
 Token-exact with the official Llama 3.1 Instruct chat template
 (``llama31_instruct_chat_template.jinja``, rendered as transformers renders it) for every
 dialog it can render: system prompts and the default system header, multi-turn, trimming,
 custom JSON tools, built-in tools (``<|python_tag|>`` calls ending in ``<|eom_id|>``) and
-``ipython`` tool output. One deliberate difference: message content is always text, so a
+``ipython`` tool output. Llama 3.2's template (``llama32_instruct_chat_template.jinja``) is
+the same without built-in tools; the tokenizer's template says which one a dialog is
+encoded for (``chat_format_of``). One deliberate difference: message content is always text, so a
 ``<|eot_id|>`` written inside user data stays ordinary tokens and can never forge a turn
 (Meta's reference ``ChatFormat`` does the same).
 
@@ -103,7 +105,8 @@ def encode_chat(
 def encode_chats(dialogs: Sequence[Sequence[Mapping]], tokenizer, **options) -> list[dict[str, list[int]]]:
     """``encode_chat`` for many dialogs at once: all their text goes through one batched Rust call."""
     special = {token: tokenizer.convert_tokens_to_ids(token) for token in _SPECIAL}
-    plans = [_plan(messages, **options) for messages in dialogs]
+    builtin_tools_allowed = chat_format_of(tokenizer) == "llama3.1"
+    plans = [_plan(messages, builtin_tools_allowed=builtin_tools_allowed, **options) for messages in dialogs]
     encoded = iter(
         _encode_text(tokenizer, [piece for plan in plans for piece, _ in plan if isinstance(piece, str)])
     )
@@ -116,6 +119,25 @@ def encode_chats(dialogs: Sequence[Sequence[Mapping]], tokenizer, **options) -> 
             assistant_masks += [learn] * len(ids)
         results.append({"input_ids": input_ids, "assistant_masks": assistant_masks})
     return results
+
+
+def chat_format_of(tokenizer) -> str:
+    """The chat format (``data.tokenizer.CHAT_TEMPLATES``) whose official template ``tokenizer`` carries, as
+    ``data.load_tokenizer`` attaches it. Another template is refused: this encoder writes only those."""
+    from data.tokenizer import CHAT_TEMPLATES
+
+    template = tokenizer.chat_template
+    if template not in _FORMAT_OF_TEMPLATE:
+        _FORMAT_OF_TEMPLATE.update({path.read_text(): name for name, path in CHAT_TEMPLATES.items()})
+    if template not in _FORMAT_OF_TEMPLATE:
+        raise ValueError(
+            "the tokenizer's chat template is not an official Llama 3 Instruct one that this encoder writes "
+            f"({', '.join(CHAT_TEMPLATES)}): load it with data.load_tokenizer(path, chat_format=...)"
+        )
+    return _FORMAT_OF_TEMPLATE[template]
+
+
+_FORMAT_OF_TEMPLATE: dict[str, str] = {}
 
 
 # ── the template as a plan: text pieces and special tokens, each learned or not ─────────
@@ -142,8 +164,14 @@ def _plan(
     builtin_tools: Sequence[str] | None = None,
     date_string: str | None = None,
     tools_in_user_message: bool = True,
+    builtin_tools_allowed: bool = True,
 ) -> list[tuple[str | _Special, int]]:
     validate_messages(messages)
+    if builtin_tools is not None and not builtin_tools_allowed:
+        raise ValueError(
+            f"built-in tools {list(builtin_tools)}: Llama 3.2's chat template has none (no <|python_tag|> "
+            "calls, no <|eom_id|>); define them as custom tools (JSON schemas), or train Llama 3.1/3.3"
+        )
     plan: list[tuple[str | _Special, int]] = [(_BOS, 0)]
 
     def turn(role: str, body: str, end: _Special, learn: bool = False, python_tag: bool = False) -> None:

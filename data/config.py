@@ -13,6 +13,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+# Chat formats the encoder writes (``model.chat_format``), each an official Instruct template
+# (``data.tokenizer.CHAT_TEMPLATES``): Llama 3.1 and 3.3 share one, Llama 3.2 1B/3B have their own.
+CHAT_FORMATS = ("llama3.1", "llama3.2")
 
 
 @dataclass

@@ -209,13 +209,13 @@ def main(argv: list[str]) -> int:
     from omegaconf.errors import MissingMandatoryValue
 
     from data.config import compose_config
-    from data.tokenizer import load_tokenizer
+    from data.tokenizer import tokenizer_for
 
     cfg = compose_config(argv)
     model = cfg.model  # keys only train's schema defaults may be absent: .get
     try:
         data = OmegaConf.to_object(cfg.data)
-        tokenizer = load_tokenizer(model.get("tokenizer_path") or model.get("path"))
+        tokenizer = tokenizer_for(model)
         _, _, summary = prepare_from_config(
             data, tokenizer, max_length=cfg.training.max_length, objective=cfg.stage.name,
             seed=cfg.training.seed,

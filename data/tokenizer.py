@@ -1,10 +1,13 @@
-"""The Llama 3.1 Instruct tokenizer as a transformers fast tokenizer.
+"""The Llama 3 Instruct tokenizer as a transformers fast tokenizer.
 
 With no path it is built from Meta's ``tokenizer.model`` that ships inside the
 ``llama-models`` package (no hub, no network), with the 256 special tokens at
-their Llama 3.1 ids and the official Instruct chat template attached; the
-converted tokenizer is cached on disk. With a path it loads a local tokenizer
-directory, such as a real checkpoint's.
+their Llama 3.1 ids and the official Instruct chat template of the chosen chat
+format attached; the converted tokenizer is cached on disk. With a path it loads
+a local tokenizer directory, such as a real checkpoint's.
+
+Llama 3.1, 3.2 (1B, 3B) and 3.3 share this tokenizer (the same 128,000 BPE tokens
+and 256 special tokens); what differs is the chat template (``CHAT_TEMPLATES``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from data.cache import atomic_directory
 from data.cache import cache_dir as default_cache
+from data.config import CHAT_FORMATS
 
 CHAT_TEMPLATE_FILE = Path(__file__).with_name("llama31_instruct_chat_template.jinja")
+# The official Instruct chat template of each chat format (``model.chat_format``). Sources: the
+# tokenizer_config.json of meta-llama/Llama-3.1-8B-Instruct (3.3 70B ships the same template) and of
+# meta-llama/Llama-3.2-1B-Instruct (3B's is the same): 3.2 has no built-in tools, and takes today's
+# date where transformers gives it ``strftime_now`` (the encoder pins the template's fallback date).
+CHAT_TEMPLATES = {
+    "llama3.1": CHAT_TEMPLATE_FILE,
+    "llama3.2": Path(__file__).with_name("llama32_instruct_chat_template.jinja"),
+}
+assert tuple(CHAT_TEMPLATES) == CHAT_FORMATS
 
 # Bumped whenever the conversion below changes, so stale caches are not reused.
 _CONVERSION_VERSION = "1"
@@ -69,20 +82,33 @@ def meta_split_pattern() -> str:
     return Tokenizer.pat_str
 
 
-def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None):
-    """Return the Llama 3.1 Instruct fast tokenizer.
+def chat_template(chat_format: str) -> str:
+    """The official Instruct chat template of ``chat_format`` (a key of ``CHAT_TEMPLATES``)."""
+    if chat_format not in CHAT_TEMPLATES:
+        raise ValueError(f"chat format {chat_format!r}: expected one of {', '.join(CHAT_TEMPLATES)}")
+    return CHAT_TEMPLATES[chat_format].read_text()
+
+
+def load_tokenizer(
+    path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    chat_format: str = "llama3.1",
+):
+    """Return the Llama 3 Instruct fast tokenizer with ``chat_format``'s official chat template.
 
     ``path``: a local tokenizer directory (``tokenizer.json`` + config, as in a real
     checkpoint). Without one the tokenizer is converted from llama-models' file and cached
     under ``cache_dir`` (default ``$XDG_CACHE_HOME/llama31-finetune/tokenizer``).
+    Either way the template is ``chat_format``'s, whatever a checkpoint ships: the encoder
+    (``data.chat``) writes that format, and a model saved with this tokenizer must say so.
     The returned tokenizer pads with ``<|finetune_right_pad_id|>``, never with EOS, so a
     collator cannot mask the ``<|eot_id|>`` the model must learn; its EOS is ``<|eot_id|>``,
     the end of an Instruct turn, even where a base checkpoint says ``<|end_of_text|>``.
     """
+    template = chat_template(chat_format)
     if path is not None:
-        return _load_local(Path(path))
+        return _load_local(Path(path), template)
     model_file = meta_tokenizer_model()
-    template = CHAT_TEMPLATE_FILE.read_text()
     key = hashlib.sha256(
         model_file.read_bytes() + template.encode() + _CONVERSION_VERSION.encode()
     ).hexdigest()[:16]
@@ -95,7 +121,14 @@ def load_tokenizer(path: str | os.PathLike | None = None, cache_dir: str | os.Pa
     return tokenizer
 
 
-def _load_local(path: Path) -> PreTrainedTokenizerBase:
+def tokenizer_for(model) -> PreTrainedTokenizerBase:
+    """The tokenizer of a ``model:`` config (``conf/model/``): ``tokenizer_path``, else ``path``, else the
+    llama-models one, with the model's ``chat_format`` (Llama 3.1 where a config does not say)."""
+    path = getattr(model, "tokenizer_path", None) or getattr(model, "path", None)
+    return load_tokenizer(path, chat_format=getattr(model, "chat_format", None) or "llama3.1")
+
+
+def _load_local(path: Path, template: str) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise FileNotFoundError(
             f"tokenizer path {path} is not a directory; point model.tokenizer_path (or model.path) "
@@ -107,9 +140,8 @@ def _load_local(path: Path) -> PreTrainedTokenizerBase:
         raise ValueError(
             f"{path}: expected a fast tokenizer (tokenizer.json), got {type(tokenizer).__name__}"
         )
-    if not tokenizer.chat_template:
-        # Base checkpoints ship no template; we train the Instruct format.
-        tokenizer.chat_template = CHAT_TEMPLATE_FILE.read_text()
+    # Base checkpoints ship no template; Instruct ones ship the official one. We train the Instruct format.
+    tokenizer.chat_template = template
     if tokenizer.pad_token is None and PAD in tokenizer.get_vocab():
         tokenizer.pad_token = PAD
     if EOT in tokenizer.get_vocab():

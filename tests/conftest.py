@@ -21,6 +21,14 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tokenizer32():
+    """The same tokenizer with Llama 3.2's Instruct template (model=1b, 3b)."""
+    from data import load_tokenizer
+
+    return load_tokenizer(chat_format="llama3.2")
+
+
+@pytest.fixture(scope="session")
 def meta_tokenizer():
     from llama_models.llama3.tokenizer import Tokenizer
 

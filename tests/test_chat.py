@@ -206,3 +206,60 @@ def test_matches_meta_chat_format(tokenizer, meta_tokenizer):
         )
         compared += 1
     assert compared >= 80
+
+
+# ── Llama 3.2 (1B, 3B): its own official template ─────────────────────────────────────
+# template: 3.2's takes today's date from transformers' strftime_now; the encoder pins the template's own
+# fallback (26 Jul 2024) unless given a date_string, so compare with that date.
+PINNED_DATE = {"date_string": "26 Jul 2024"}
+
+
+def test_llama32_matches_its_template_on_sample_and_generated_dialogs(tokenizer32):
+    for index, messages in enumerate(sample_dialogs()):
+        expected = template_ids(tokenizer32, messages, **PINNED_DATE)
+        assert encode_chat(messages, tokenizer32)["input_ids"] == expected, index
+    rng = random.Random(32)
+    compared = tools = 0
+    while compared < 300:
+        messages, options = chat_dialogs.dialog(rng)
+        if "builtin_tools" in options:  # 3.2 has none (below)
+            continue
+        ours = encode_chat(messages, tokenizer32, **options)
+        expected = template_ids(tokenizer32, messages, **{**PINNED_DATE, **options})
+        assert ours["input_ids"] == expected, messages
+        compared, tools = compared + 1, tools + ("tools" in options)
+    assert tools >= 50
+
+
+def test_llama32_differs_from_31_only_where_the_templates_do(tokenizer, tokenizer32):
+    """Plain chats are the same tokens; tool-calling ones differ only in what 3.1 adds for built-in tools."""
+    assert encode_chat(DIALOG, tokenizer32) == encode_chat(DIALOG, tokenizer)
+    tools = chat_dialogs.CUSTOM_TOOLS[:1]
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "content": {"temperature": 18}},
+        {"role": "assistant", "content": "18 °C."},
+    ]
+    encoded = encode_chat(messages, tokenizer32, tools=tools)
+    assert encoded["input_ids"] == template_ids(tokenizer32, messages, tools=tools, **PINNED_DATE)
+    assert learned_text(tokenizer32, encoded) == (
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>18 °C.<|eot_id|>'
+    )
+
+
+def test_llama32_refuses_builtin_tools(tokenizer32):
+    messages = [{"role": "user", "content": "Search"}, {"role": "assistant", "content": "ok"}]
+    refusal = r"built-in tools \['brave_search'\]: Llama 3.2's chat template has none"
+    with pytest.raises(ValueError, match=refusal):
+        encode_chat(messages, tokenizer32, builtin_tools=["brave_search"])
+
+
+def test_a_tokenizer_with_another_template_is_refused(tokenizer):
+    import copy
+
+    other = copy.copy(tokenizer)
+    other.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(ValueError, match="not an official Llama 3 Instruct one"):
+        encode_chat(DIALOG, other)

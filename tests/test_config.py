@@ -151,13 +151,13 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weight_loads(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-@pytest.mark.parametrize("size", ["tiny", "8b", "70b", "405b"])
+@pytest.mark.parametrize("size", ["tiny", "1b", "3b", "8b", "70b", "70b_3_3", "405b"])
 def test_every_size_and_method_composes_and_is_planned(size, method):
     from train.plan import Device, fit_problems
 
     config = load_config(composed(f"model={size}", f"method={method}"))
     assert (config.model.name, config.method.name) == (size, method)
-    assert config.model.gradient_checkpointing == (size != "tiny")  # on for 8B and up
+    assert config.model.gradient_checkpointing == (size != "tiny")  # on for 1B and up
     problems = fit_problems(config, Device.configured(config.launch))  # one 80 GB GPU: fits, or refused
     assert all("planner figures" in p and "try:" in p for p in problems)
     assert bool(problems) == (
@@ -166,6 +166,8 @@ def test_every_size_and_method_composes_and_is_planned(size, method):
             ("8b", "full"),
             ("70b", "full"),
             ("70b", "lora"),
+            ("70b_3_3", "full"),
+            ("70b_3_3", "lora"),
             ("405b", "full"),
             ("405b", "lora"),
             ("405b", "qlora"),

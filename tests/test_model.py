@@ -10,8 +10,13 @@ from test_trainer import tiny_trainer
 from train.config import ConfigError, load_config
 from train.model import build_model, llama_config
 
-# Parameter counts of Meta's released checkpoints (embeddings and LM head untied).
-PARAMETERS = {"8b": 8_030_261_248, "70b": 70_553_706_496, "405b": 405_853_388_800}
+# Parameter counts of Meta's released checkpoints: 3.1 and 3.3 untie embeddings and LM head, 3.2 1B/3B tie
+# them (one tensor, counted once).
+PARAMETERS = {
+    "1b": 1_235_814_400, "3b": 3_212_749_824, "8b": 8_030_261_248, "70b": 70_553_706_496,
+    "70b_3_3": 70_553_706_496, "405b": 405_853_388_800,
+}  # fmt: skip
+ROPE_FACTOR = {"1b": 32.0, "3b": 32.0}  # Llama 3.2 as released; 3.1 and 3.3: 8
 
 
 @pytest.mark.parametrize("size", PARAMETERS)
@@ -27,6 +32,11 @@ def test_architecture_gives_the_real_parameter_count_without_memory(size, tokeni
         model.config.rope_parameters["rope_type"] == "llama3"
         and model.config.max_position_embeddings == 131_072
     )
+    assert model.config.rope_parameters["factor"] == ROPE_FACTOR.get(size, 8.0)
+    tied = size in ("1b", "3b")
+    assert config.model.tie_word_embeddings == tied
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert config.model.chat_format == ("llama3.2" if tied else "llama3.1")
 
 
 def test_local_checkpoint_loads_from_safetensors(tmp_path, tokenizer):

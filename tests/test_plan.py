@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import subprocess
@@ -31,7 +32,10 @@ from train.plan import (
     weight_bytes,
 )
 
-PARAMETERS = {"8b": 8_030_261_248, "70b": 70_553_706_496, "405b": 405_853_388_800}
+PARAMETERS = {
+    "1b": 1_235_814_400, "3b": 3_212_749_824, "8b": 8_030_261_248, "70b": 70_553_706_496,
+    "70b_3_3": 70_553_706_496, "405b": 405_853_388_800,
+}  # fmt: skip
 # The launch post's KV-cache table (GB as printed there); docs/memory.md explains its units.
 POST_KV = {"8b": (0.125, 1.95, 15.62), "70b": (0.313, 4.88, 39.06), "405b": (0.984, 15.38, 123.05)}
 
@@ -437,3 +441,34 @@ def test_planned_peak_bounds_a_real_training_run(run, tmp_path, tokenizer):
     ).peak_bytes_per_gpu
     print(f"\nGPU-PEAK {run}: measured {measured / GIB:.3f} GiB, planned {planned / GIB:.3f} GiB")
     assert 0.8 * planned <= measured <= 1.05 * planned
+
+
+def test_tied_embeddings_are_one_tensor_in_every_count():
+    """Llama 3.2 1B/3B: the LM head is the embedding; weights, NF4 loads and full fine-tuning's states hold it
+    once."""
+    tied = config_for("model=1b").model
+    untied = dataclasses.replace(tied, tie_word_embeddings=False)
+    embedding = 128_256 * 2048
+    assert count_parameters(untied) - count_parameters(tied) == embedding
+    # kept bf16, unquantized
+    assert weight_bytes(untied)["nf4_bnb"] - weight_bytes(tied)["nf4_bnb"] == 2 * embedding
+    full = plan("model=1b", "method=full", device=GPU_80GB)
+    assert full.trainable_params == PARAMETERS["1b"]
+
+
+def test_recipes_are_listed_and_fit_the_gpus_they_name():
+    """The Llama 3.2 recipes fit one consumer GPU at 2,048 tokens (1B: 8 GiB, 3B: 12 GiB); Llama 3.3 70B
+    QLoRA one 80 GB GPU."""
+    result = run_plan("recipes=true", "output=json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["recipe"]: row for row in json.loads(result.stdout)["rows"]}
+    expected = {"1b_lora_chat": 8, "1b_qlora_chat": 8, "3b_lora_chat": 12, "3b_qlora_chat": 12,
+                "70b_3_3_qlora_chat": 80}  # fmt: skip
+    for recipe, gpu in expected.items():
+        row = rows[recipe]
+        assert row["seq_len"] == 2048 and row["gpus"] == 1, row
+        assert row["smallest_gpu_gib"] <= gpu and row["peak_bytes_per_gpu"] <= 0.9 * gpu * GIB, row
+    assert rows["70b_3_3_qlora_chat"]["model"] == "70b_3_3"
+    assert set(rows) == {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
+    text = run_plan("recipes=true").stdout
+    assert "1b_lora_chat          1b       lora   sft   local x1    2,048    1 x 8" in text

@@ -9,7 +9,7 @@ from conftest import meta_base_checkpoint
 from transformers import AutoTokenizer
 
 from data import load_tokenizer
-from data.tokenizer import CHAT_TEMPLATE_FILE, llama31_special_tokens, stop_token_ids
+from data.tokenizer import CHAT_TEMPLATE_FILE, CHAT_TEMPLATES, llama31_special_tokens, stop_token_ids
 
 MULTILINGUAL = [
     "Hello world",
@@ -123,3 +123,15 @@ def test_a_base_checkpoint_tokenizer_ends_with_eot(tokenizer, tmp_path):
 def test_missing_local_tokenizer_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+def test_each_chat_format_attaches_its_official_template(tokenizer, tokenizer32, tmp_path):
+    """Llama 3.2 (1B, 3B) has its own template on the same tokenizer; a checkpoint's tokenizer carries the
+    format the run trains, whatever template it shipped."""
+    assert tokenizer32.chat_template == CHAT_TEMPLATES["llama3.2"].read_text() != tokenizer.chat_template
+    assert tokenizer32.encode(MULTILINGUAL[1]) == tokenizer.encode(MULTILINGUAL[1])
+    assert tokenizer32.convert_tokens_to_ids(["<|eot_id|>", "<|python_tag|>"]) == [128009, 128010]
+    tokenizer.save_pretrained(tmp_path)  # a 3.1 Instruct checkpoint's tokenizer
+    assert load_tokenizer(tmp_path, chat_format="llama3.2").chat_template == tokenizer32.chat_template
+    with pytest.raises(ValueError, match="chat format 'llama3.4': expected one of llama3.1, llama3.2"):
+        load_tokenizer(chat_format="llama3.4")

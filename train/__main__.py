@@ -83,7 +83,7 @@ def main(cfg: DictConfig) -> float | None:
         )
         sys.exit(2)
 
-    from data import DataError, load_tokenizer, prepare_from_config
+    from data import DataError, prepare_from_config, tokenizer_for
     from train.checkpoints import CheckpointSpaceError
     from train.model import build_model, compute_dtype
     from train.outputs import (
@@ -116,7 +116,7 @@ def main(cfg: DictConfig) -> float | None:
         log.info("run directory %s; computing in %s", run_dir, dtype)
 
     # ── tokenizer ──────────────────────────────────────────────────────────────
-    tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
+    tokenizer = tokenizer_for(config.model)
 
     # ── data: the prepared dataset (Llama 3.1 tokens + assistant masks, or preference rows), cached;
     #    each node's main process prepares it first, the others then read its cache ──

@@ -95,7 +95,7 @@ def load_chat_model(run_dir: Path, weights: Path):
     (``base_of``), 4-bit on the device for QLoRA. No ``prepare_4bit_for_training``: nothing trains."""
     import torch
 
-    from data import load_tokenizer
+    from data import tokenizer_for
     from train.export import base_of
     from train.model import attention_implementation, build_model, compute_dtype, load_4bit, load_checkpoint
     from train.placement import Placement
@@ -103,7 +103,7 @@ def load_chat_model(run_dir: Path, weights: Path):
     config = run_config(run_dir)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dtype = compute_dtype(config.model.dtype)
-    tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
+    tokenizer = tokenizer_for(config.model)
     if not (weights / "adapter_config.json").is_file():
         attention = attention_implementation(config.model.attn_implementation)
         return load_checkpoint(str(weights), dtype, attention).to(device).eval(), tokenizer

@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from data.config import DataConfig, sample_path
+from data.config import CHAT_FORMATS, DataConfig, sample_path
 from train.run_dir import CONFIG_FILE, run_config
 
 METHODS = ("full", "lora", "qlora")
@@ -86,6 +86,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     tie_word_embeddings: bool = False
     initializer_range: float = MISSING  # std of random initial weights; used only without model.path
+    chat_format: str = "llama3.1"  # the official Instruct template trained: llama3.1 (3.1, 3.3) or llama3.2
 
 
 @dataclass
@@ -292,6 +293,11 @@ def validate(config: Config) -> list[str]:
         problems.append("method.load_in_4bit: 4-bit loading is what makes QLoRA; use method=qlora for it")
     if model.dtype not in DTYPES:
         problems.append(f"model.dtype: {model.dtype!r} is not one of {', '.join(DTYPES)}")
+    if model.chat_format not in CHAT_FORMATS:
+        problems.append(
+            f"model.chat_format: {model.chat_format!r} is not one of {', '.join(CHAT_FORMATS)} (llama3.1 for "
+            "Llama 3.1 and 3.3, llama3.2 for Llama 3.2 1B/3B)"
+        )
     if training.max_length > model.max_position_embeddings:
         problems.append(
             f"training.max_length: {training.max_length} exceeds the model's context "

@@ -45,7 +45,7 @@ def adapter_model(run_dir: Path):
     """The run's base model (dequantized for QLoRA) with its adapter attached, not yet merged."""
     from peft import PeftModel
 
-    from data import load_tokenizer
+    from data import tokenizer_for
     from train.model import build_model, compute_dtype, load_4bit
 
     config = run_config(run_dir)
@@ -54,7 +54,7 @@ def adapter_model(run_dir: Path):
         raise ConfigError(f"{run_dir} is a full fine-tuning run: its {adapter} already loads in transformers")
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter}: no adapter_config.json; did the run finish?")
-    tokenizer = load_tokenizer(config.model.tokenizer_path or config.model.path)
+    tokenizer = tokenizer_for(config.model)
     dtype = compute_dtype(config.model.dtype)
     base_config, seed = base_of(config)
     # no placement: every weight loads (and a 4-bit base quantizes and dequantizes) on the CPU

@@ -6,6 +6,7 @@
     python -m train.plan model=8b method=full stage=dpo data=preference_sample  # + DPO's reference model
     python -m train.plan model=8b device=local                  # as `python -m train` checks it here
     python -m train.plan max_context=true gpu_memory=80GB       # the longest context per size x method
+    python -m train.plan recipes=true                           # every conf/experiment/ recipe, planned
 
 Sizes are printed in GiB (2**30): GPU memory is sold in binary units (an "80 GB" H100 has 80 GiB).
 """
@@ -21,8 +22,11 @@ from train.plan.device import Device, parse_memory
 from train.plan.fit import plan_run
 from train.plan.report import format_plan, gib
 
-PLANNER_OPTIONS = ("seq_len", "batch", "gpu_memory", "device", "output", "max_context")
-SIZES, METHODS = ("8b", "70b", "405b"), ("full", "lora", "qlora")
+PLANNER_OPTIONS = ("seq_len", "batch", "gpu_memory", "device", "output", "max_context", "recipes")
+SIZES, METHODS = ("1b", "3b", "8b", "70b", "405b"), ("full", "lora", "qlora")
+# GPU memory sizes sold (GiB), for "the smallest GPU a recipe fits": consumer 8-32, workstation and
+# datacenter 40-141 (A100 40/80, L40S 48, H100 80, H200 141).
+GPU_SIZES_GIB = (8, 12, 16, 24, 32, 40, 48, 80, 141)
 CONTEXT_STEP = 1024  # the longest context is searched in whole multiples of this
 
 
@@ -126,6 +130,49 @@ def format_context_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def recipe_table(overrides: list[str]) -> dict:
+    """``recipes=true``: every ``conf/experiment/`` recipe (with ``overrides``) planned on its launch's GPUs
+    (``launch.gpu_memory_gb``), and the smallest GPU size (``GPU_SIZES_GIB``) its launch fits on."""
+    from data.config import CONF_DIR
+    from train.config import compose_config, load_config
+
+    rows = []
+    for recipe in sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")):
+        config = load_config(compose_config([f"+experiment={recipe}", *overrides]), check=False)
+        plan = plan_run(config, Device.configured(config.launch))
+        smallest = next(
+            (size for size in GPU_SIZES_GIB if plan_run(config, Device.gpu(int(size * 2**30))).fits), None
+        )
+        training = config.training
+        rows.append({
+            "recipe": recipe, "model": config.model.name, "method": config.method.name,
+            "stage": config.stage.name, "launch": plan.launch, "gpus": plan.gpus,
+            "seq_len": training.max_length, "batch": training.per_device_train_batch_size,
+            "accumulation": training.gradient_accumulation_steps,
+            "peak_bytes_per_gpu": plan.peak_bytes_per_gpu, "smallest_gpu_gib": smallest,
+        })  # fmt: skip
+    return {"rows": rows}
+
+
+def format_recipe_table(table: dict) -> str:
+    lines = [
+        "conf/experiment/ recipes, planned per GPU (python -m train +experiment=<recipe>):",
+        f"{'recipe':<22}{'model':<9}{'method':<7}{'stage':<6}{'launch':<10}{'seq':>7}{'batch':>9}{'peak':>13}"
+        f"   {'fits a GPU of':<14}",
+    ]
+    for row in table["rows"]:
+        smallest = f"{row['smallest_gpu_gib']} GiB" if row["smallest_gpu_gib"] else "none listed"
+        lines.append(
+            f"{row['recipe']:<22}{row['model']:<9}{row['method']:<7}{row['stage']:<6}"
+            f"{row['launch'] + ' x' + str(row['gpus']):<10}{row['seq_len']:>7,}"
+            f"{str(row['batch']) + ' x ' + str(row['accumulation']):>9}{gib(row['peak_bytes_per_gpu']):>13}"
+            f"   {smallest:<14}"
+        )
+    sizes = ", ".join(map(str, GPU_SIZES_GIB))
+    lines += ["", f"fits: the peak within 90% of the GPU's memory on the recipe's launch; sizes {sizes} GiB."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     """Compose the config tree with the non-planner arguments as overrides, print the plan."""
     from train.config import ConfigError, compose_config, load_config
@@ -135,6 +182,13 @@ def main(argv: list[str]) -> int:
     if options.get("max_context", "false") not in ("true", "false"):
         print(f"error: max_context: {options['max_context']!r}; use max_context=true", file=sys.stderr)
         return 2
+    if options.get("recipes", "false") not in ("true", "false"):
+        print(f"error: recipes: {options['recipes']!r}; use recipes=true", file=sys.stderr)
+        return 2
+    if options.get("recipes") == "true":
+        table = recipe_table(overrides)
+        print(json.dumps(table, indent=1) if options.get("output") == "json" else format_recipe_table(table))
+        return 0
     if options.get("max_context") == "true":
         try:
             table = context_table([o for o in overrides if not o.startswith(("model=", "method="))], options)
