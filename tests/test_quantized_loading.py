@@ -71,6 +71,27 @@ def test_a_checkpoint_without_a_weight_is_refused_before_anything_is_read(checkp
     assert "(1 of the 21 weights a LlamaForCausalLM needs)" in str(error.value)
 
 
+@pytest.mark.parametrize("kept", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_a_tied_checkpoint_is_read_under_whichever_name_it_kept(tmp_path, kept):
+    """Llama 3.2 1B/3B: one tensor for embedding and LM head. save_pretrained keeps the embedding's name,
+    safetensors' save_model may keep the LM head's; the skeleton holds it once and reads it by either."""
+    from safetensors.torch import save_file
+
+    config = LlamaConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    weights = LlamaForCausalLM(config).state_dict()
+    dropped = ({"model.embed_tokens.weight", "lm_head.weight"} - {kept}).pop()
+    del weights[dropped]
+    save_file({k: t.contiguous() for k, t in weights.items()}, tmp_path / "model.safetensors")
+    config.save_pretrained(tmp_path)
+    skeleton = quantized_skeleton(str(tmp_path), QUANTIZATION, torch.float32, "sdpa")
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight
+    keys = [key for _, _, key, _ in getattr(skeleton, QUANTIZED_LOAD).weights]
+    assert len(keys) == 20 and kept in keys and dropped not in keys  # 21 less the tied one
+
+
 FILLED = """
 import sys, torch
 from torch.distributed.fsdp import fully_shard

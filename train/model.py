@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from data.tokenizer import stop_token_ids
 from train.config import MethodConfig, ModelConfig
@@ -266,7 +267,10 @@ def write_random_checkpoint(
         path.mkdir()
         weights = build_model(model, tokenizer, dtype=dtype, seed=seed)
         weights.config.save_pretrained(path)
-        save_model(weights, str(path / "model.safetensors"), metadata={"format": "pt"})  # tied weights once
+        # tied weights once, under the name save_pretrained keeps (the embedding), as Meta's 3.2 files do
+        state = remove_tied_weights_from_state_dict(weights.state_dict(), weights)
+        save_file({name: t.contiguous() for name, t in state.items()}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})  # fmt: skip
         del weights
     if distributed:
         torch.distributed.barrier()

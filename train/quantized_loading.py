@@ -101,13 +101,20 @@ def quantized_skeleton(
         quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None)
     plan = ShardedQuantizedLoad(checkpoint=Path(path), dtype=dtype, files=checkpoint_files(Path(path)))
     storage = quantization.bnb_4bit_quant_storage
+    if config.tie_word_embeddings:
+        model.tie_weights()  # one parameter under two names from here on (transformers ties at load)
+    names: dict[int, list[str]] = {}  # a tied weight has several (the embedding and the LM head)
+    for key, meta in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(meta), []).append(key)
     seen: set[int] = set()
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         for name, meta in list(module.named_parameters(recurse=False)):
             if id(meta) in seen:  # a tied weight: loaded once, through its first owner
                 continue
             seen.add(id(meta))
-            key = f"{module_name}.{name}" if module_name else name
+            # saved under whichever of its names the checkpoint kept: save_pretrained keeps the embedding's,
+            # safetensors' save_model may keep the LM head's
+            key = next((k for k in names[id(meta)] if k in plan.files), names[id(meta)][0])
             if isinstance(meta, Params4bit):
                 # bitsandbytes repacks a weight for its AVX512-BF16 CPU kernel at the first eval forward and
                 # marks the shared quant_state so (nn/modules.py:613-620); the engine's next gather brings
