@@ -15,9 +15,9 @@ from test_chat_cli import lora_run  # noqa: F401  (the tiny LoRA run directory, 
 from test_config import composed
 
 from data import encode_chat
-from train.config import ConfigError
+from train.config import ConfigError, load_config
 from train.eval_tasks.oasst_reply_choice import OUTPUT, build_items, jsonl
-from train.evaluate import TASKS_DIR, main, task_manager, task_specs
+from train.evaluate import TASKS_DIR, harness_model, main, task_manager, task_specs
 from train.outputs import save_resolved_config
 
 TASK = "oasst_reply_choice"
@@ -137,3 +137,20 @@ def test_include_folder_reads_data_relative_to_its_yaml(tmp_path):
     (tmp_path / "data.jsonl").unlink()
     with pytest.raises(ConfigError, match=f"{tmp_path / 'mine.yaml'}: data_files data.jsonl is not there"):
         task_specs(manager, ("mine",))
+
+
+@pytest.mark.parametrize("chat_format", ["llama3.1", "llama3.2"])
+def test_the_harness_prompts_in_the_format_the_run_trained(chat_format):
+    """lm-eval renders prompts with the tokenizer's template; for Llama 3.2 that would carry today's date,
+    not the one the training data carries. The prompt is encode_chat's, up to the assistant's reply."""
+    from data import load_tokenizer
+    from train.model import build_model
+
+    tokenizer = load_tokenizer(chat_format=chat_format)
+    model = build_model(load_config(composed()).model, tokenizer, dtype=torch.float32, seed=0)
+    history = [{"role": "user", "content": "Which is larger, 7 or 9?"}]
+    prompt = harness_model(model, tokenizer, batch_size=1).apply_chat_template(history)
+    trained = encode_chat([*history, {"role": "assistant", "content": "9"}], tokenizer)["input_ids"]
+    reply = tokenizer("9<|eot_id|>", add_special_tokens=False)["input_ids"]
+    assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == trained[: -len(reply)]
+    assert "Today Date: 26 Jul 2024" in prompt

@@ -161,7 +161,6 @@ def evaluate(model, tokenizer, specs: list, manager, options: Options) -> dict:
     dequantizing it (``train.chat``'s reason)."""
     import datasets.config
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     # datasets 5.2 (load.py, increase_load_count) sends a HEAD request to S3, 3 s timeout, to count each load
     # of its json/csv loaders; off, so a local task reaches for no network
@@ -169,15 +168,25 @@ def evaluate(model, tokenizer, specs: list, manager, options: Options) -> dict:
     logging.getLogger("lm_eval.models.huggingface").addFilter(
         lambda record: not str(record.msg).startswith(_MODEL_OBJECT_NOTES)
     )
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
     return simple_evaluate(
-        model=lm,
+        model=harness_model(model, tokenizer, options.batch_size),
         tasks=specs,
         limit=options.limit,
         apply_chat_template=options.chat_template,
         task_manager=manager,
         log_samples=True,
     )
+
+
+def harness_model(model, tokenizer, batch_size: int):
+    """lm-eval's ``HFLM`` around the loaded model. Prompts in the chat format carry the date the training data
+    does (``data.chat.DEFAULT_DATE_STRING``): Llama 3.2's template would otherwise write today's."""
+    from lm_eval.models.huggingface import HFLM
+
+    from data.chat import DEFAULT_DATE_STRING
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                chat_template_args={"date_string": DEFAULT_DATE_STRING})  # fmt: skip
 
 
 def provenance(options: Options, weights: Path, model, started: float) -> dict:
