@@ -1,6 +1,8 @@
-"""Merge a run's LoRA/QLoRA adapter into its base weights and write a plain transformers checkpoint.
+"""Merge a run's LoRA/QLoRA adapter into its base weights and write a plain transformers checkpoint, or a
+GGUF file of it for llama.cpp and Ollama.
 
     python -m train.export run=outputs/2026-11-26/10-00-00 [out=<dir>]
+    python -m train.export run=outputs/2026-11-26/10-00-00 format=gguf [type=f16|bf16|q8_0] [out=<dir>]
 
 The base is the run's own (``model.path``, or the random weights its seed rebuilds; for a run started
 from another run, that run's weights or base: ``base_of``). For QLoRA the adapter was trained against
@@ -12,6 +14,10 @@ bitsandbytes.
 The merge runs on the CPU, GPU or not: the base loads into host memory in the run's dtype (a 70B base in
 bf16 needs ~141 GB of RAM, plus ~40 GB of 4-bit weights while a QLoRA base dequantizes), never onto one
 GPU, and is written shard by shard (``train.sharded_save``, ``training.max_shard_size`` per file).
+
+``format=gguf`` converts the merged checkpoint (``<run>/merged``, merged first when missing or older than
+the adapter; a full run's ``model/``) to ``<out>/model-<type>.gguf`` (default ``<run>/gguf/``), tensor by
+tensor (``train.gguf``): the GGUF pass holds one tensor at a time, never a second copy of the model.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from train.config import Config, ConfigError, ModelConfig
+from train.gguf import DEFAULT_TYPE, GGUFError, check_type, gguf_file_name, safetensors_files
 from train.outputs import final_dir
 from train.run_dir import run_config
 
@@ -103,18 +110,74 @@ def export(run_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
+def gguf_source(run_dir: Path) -> Path:
+    """The merged checkpoint a GGUF export reads: a full run's ``model/``; else ``<run>/merged``, merged now
+    (``export``) when it has no weights or is older than the adapter. Refuses, before any weight loads, a
+    run that left neither weights nor an adapter."""
+    config = run_config(run_dir)
+    if config.method.name == "full":
+        model_dir = final_dir(run_dir, "full")
+        if not has_weights(model_dir):
+            raise ConfigError(f"{model_dir}: no safetensors weights; did the run finish?")
+        return model_dir
+    adapter, merged = final_dir(run_dir, config.method.name), run_dir / "merged"
+    adapter_file = adapter / "adapter_model.safetensors"
+    if has_weights(merged) and (
+        not adapter_file.is_file() or newest_weight(merged) >= adapter_file.stat().st_mtime
+    ):
+        return merged
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter}: no adapter_config.json, and no {merged}; did the run finish?")
+    return export(run_dir)
+
+
+def has_weights(directory: Path) -> bool:
+    try:
+        return bool(safetensors_files(directory))
+    except GGUFError:
+        return False
+
+
+def newest_weight(directory: Path) -> float:
+    return max(file.stat().st_mtime for file in safetensors_files(directory))
+
+
+def export_gguf(run_dir: Path, out: Path | None = None, type: str = DEFAULT_TYPE) -> Path:
+    """Write the run's merged model as ``<out>/model-<type>.gguf`` (default ``<run>/gguf/``), merging the
+    adapter first if needed (``gguf_source``); returns the file's path."""
+    from train.gguf import write_gguf
+
+    check_type(type)
+    source = gguf_source(run_dir)
+    return write_gguf(source, (out or run_dir / "gguf") / gguf_file_name(type), type, name=run_dir.name)
+
+
+USAGE = (
+    "usage: python -m train.export run=<run directory> [out=<directory>] [format=safetensors|gguf] "
+    "[type=f16|bf16|q8_0 (format=gguf)]"
+)
+
+
 def main(argv: list[str]) -> int:
     options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    unknown = set(options) - {"run", "out"} or {a for a in argv if "=" not in a}
+    unknown = set(options) - {"run", "out", "format", "type"} or {a for a in argv if "=" not in a}
     if "run" not in options or unknown:
-        print("usage: python -m train.export run=<run directory> [out=<directory>]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
+    run_dir, out = Path(options["run"]), Path(options["out"]) if "out" in options else None
+    output_format, gguf_type = options.get("format", "safetensors"), options.get("type")
     try:
-        out = export(Path(options["run"]), Path(options["out"]) if "out" in options else None)
-    except ConfigError as error:
+        if output_format not in ("safetensors", "gguf"):
+            raise ConfigError(f"format={output_format}: expected safetensors (the default) or gguf")
+        if gguf_type is not None and output_format != "gguf":
+            raise ConfigError(f"type={gguf_type} sets the GGUF type; add format=gguf")
+        if output_format == "gguf":
+            print(f"GGUF written to {export_gguf(run_dir, out, gguf_type or DEFAULT_TYPE)}")
+        else:
+            print(f"merged checkpoint written to {export(run_dir, out)}")
+    except (ConfigError, GGUFError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"merged checkpoint written to {out}")
     return 0
 
 
