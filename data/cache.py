@@ -3,11 +3,14 @@ written."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -17,6 +20,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE_HASHES = "source-hashes"  # a folder in a cache: one small JSON per source file hashed
+SCRATCH = ".tmp-"  # how the name of an entry still being written begins; it never counts as an entry
+_HOST = socket.gethostname()  # scratch names end in "@<host>": only this machine's are ever removed here
 
 
 def cache_dir(kind: str) -> Path:
@@ -31,11 +36,13 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
     Readers never see a half-written entry: the entry appears whole, by one ``rename`` (atomic on a
     local or NFS file system), so ranks and nodes writing the same entry at once are safe; if another
-    process finished it first, its copy is kept and this one discarded.
+    process finished it first, its copy is kept and this one discarded. A writer killed before the
+    rename leaves only its scratch (``SCRATCH``), never read; the next write in the same folder on the
+    same machine removes it (``_remove_abandoned``).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex}"
-    scratch.mkdir()  # not tempfile.mkdtemp: its mode 0700 would hide the entry from a shared cache's group
+    _remove_abandoned(target.parent)
+    scratch, lock = _locked_scratch(target)
     try:
         yield scratch
         try:
@@ -45,6 +52,48 @@ def atomic_directory(target: Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        os.close(lock)
+
+
+def _locked_scratch(target: Path) -> tuple[Path, int]:
+    """A new scratch directory for ``target`` and a descriptor holding a ``flock`` on it: the kernel
+    drops the lock when this process dies, however it dies, which is how ``_remove_abandoned`` tells a
+    scratch still being written from one left by a killed writer."""
+    while True:
+        scratch = target.parent / f"{SCRATCH}{target.name}-{uuid.uuid4().hex}@{_HOST}"
+        # not tempfile.mkdtemp: its mode 0700 would hide the entry from a shared cache's group
+        scratch.mkdir()
+        try:
+            lock = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # removed before it was locked, by another writer's _remove_abandoned
+            continue
+        with contextlib.suppress(OSError):  # a file system without locks: nobody can remove it either
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if scratch.is_dir():
+            return scratch, lock
+        os.close(lock)  # removed while this waited for the lock: take another name
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Remove the scratch directories in ``folder`` that writers on this machine left when killed:
+    those whose lock is free. Other machines' are left alone: their locks may not be seen here (a
+    ``flock`` on an NFS directory never is: the kernel keeps it on the machine that holds it)."""
+    for scratch in folder.iterdir():
+        if not (scratch.name.startswith(SCRATCH) and scratch.name.endswith(f"@{_HOST}")):
+            continue
+        try:
+            lock = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone already, or not a directory
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its writer is alive (or this file system has no locks): keep it
+            continue
+        else:
+            log.info("removing %s, left by a write that was killed", scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            os.close(lock)
 
 
 def source_sha256(path: Path, cache: Path) -> str:

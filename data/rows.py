@@ -26,10 +26,15 @@ to the same tokens is dropped too.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
+import signal
+import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import pyarrow as pa
 from datasets import Dataset
@@ -86,15 +91,16 @@ def encode_conversations(
         fingerprint.update(text.encode())
     columns = {"conversation": texts, **({GROUP: groups} if groups is not None else {})}
     encoded = Dataset.from_dict(columns).with_format("arrow")
-    encoded = encoded.map(
-        _encode_batch,
-        batched=True,
-        num_proc=num_proc if len(texts) >= 2 * num_proc > 2 else None,
-        remove_columns=["conversation"],
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "overflow": overflow},
-        desc="Encoding Llama 3.1 chats",
-        new_fingerprint=fingerprint.hexdigest()[:16],
-    ).with_format(None)
+    with _children_die_with_this_process():
+        encoded = encoded.map(
+            _encode_batch,
+            batched=True,
+            num_proc=num_proc if len(texts) >= 2 * num_proc > 2 else None,
+            remove_columns=["conversation"],
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "overflow": overflow},
+            desc="Encoding Llama 3.1 chats",
+            new_fingerprint=fingerprint.hexdigest()[:16],
+        ).with_format(None)
     columns = encoded.select_columns(["status", "length", "trainable", "full_length"]).to_dict()
     status, lengths, trainable = columns["status"], columns["length"], columns["trainable"]
     kept = [index for index, s in enumerate(status) if s in ("ok", "truncated")]
@@ -145,6 +151,51 @@ def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) ->
     if GROUP in batch.column_names:  # a returned table replaces the batch: carry the groups over
         columns[GROUP] = batch.column(GROUP)
     return pa.table(columns)
+
+
+# ── the encoding processes die with the process that started them ────────────────────────
+# map(num_proc=...) forks a multiprocess Pool, then a Manager for its results (datasets 5.2
+# arrow_dataset.py `with mp.Pool(num_proc)`, utils/py_utils.py iflatmap_unordered `pool._ctx.Manager()`),
+# and nothing in them watches their parent: after a SIGKILL of the parent, the Manager (forked after the
+# Pool, so holding the write end of the Pool's task pipe) serves forever, and the workers wait forever
+# for a task on that pipe (multiprocess/pool.py worker, queues.py SimpleQueue.get). A SIGKILL cannot be
+# caught, so each child asks Linux to kill it when its parent dies: prctl(PR_SET_PDEATHSIG, SIGKILL).
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_prctl = None  # libc's prctl, looked up before any fork; None until first needed, and off Linux
+_parent: int | None = None  # while children must die with it: the pid of the process forking them
+
+
+@contextmanager
+def _children_die_with_this_process() -> Iterator[None]:
+    """Every process forked in this block (datasets' pool workers and its manager, and their own
+    children) is killed by the kernel when the process that forked it dies, however it dies.
+
+    Linux only (PR_SET_PDEATHSIG); elsewhere this does nothing. The signal follows the *thread* that
+    forked: a child forked by a thread that ends before the process would die with that thread.
+    """
+    global _parent, _prctl
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    if _prctl is None:  # once per process, in the parent: no library lookup after a fork
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        os.register_at_fork(after_in_child=_die_with_parent)
+    outer, _parent = _parent, os.getpid()
+    try:
+        yield
+    finally:
+        _parent = outer
+
+
+def _die_with_parent() -> None:
+    """In a child just forked: SIGKILL when the parent dies; exit now if it died before this asked."""
+    global _parent
+    if _parent is None:
+        return
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != _parent:  # reparented already: the parent died first, no signal will come
+        os._exit(1)
+    _parent = os.getpid()  # the children this one forks die with it in turn
 
 
 # ── one preference record → token ids ────────────────────────────────────────────────
