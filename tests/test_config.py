@@ -114,10 +114,11 @@ def test_a_setting_of_another_stage_or_of_the_run_is_refused_naming_where_it_bel
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        # keys that are no field of TRL's SFTConfig: every one named in one message (checked against trl's
-        # dataclass, a 7 s import: one run for the three)
-        (("training.max_stepz=3", "training.ddp_timout=600", "+training.foo=1"),
-         ("training.max_stepz", "did you mean ddp_timeout?", "training.foo")),
+        # keys that are no field of TRL's SFTConfig or peft's LoraConfig: every one named in one message
+        # (checked against trl's and peft's dataclasses, a 7 s import: one run for the four)
+        (("training.max_stepz=3", "training.ddp_timout=600", "+training.foo=1", "method.use_dorra=true"),
+         ("training.max_stepz", "did you mean ddp_timeout?", "training.foo",
+          "method.use_dorra: not a field of peft's LoraConfig; did you mean use_dora")),
         (("model.hidden_size=wide",), ("model.hidden_size",)),
         (("method=dora",), ("method/dora",)),
         (("data.path=/nowhere/chats.jsonl",), ("data.path: /nowhere/chats.jsonl is not a file",)),
@@ -186,3 +187,126 @@ def test_qlora_dpo_under_sharding_cannot_score_its_reference_before_the_weights_
     )
     assert "or use launch=ddp" in str(error.value)
     load_config(composed(*overrides, "launch=ddp", "+training.precompute_ref_log_probs=true"))  # loads
+
+
+def test_lora_config_fields_pass_through_and_typos_name_the_nearest_fields():
+    """method.* takes every field of peft's LoraConfig under its own name, checked against the installed
+    dataclass before anything loads, as training.* is against TRL's."""
+    from train.config import lora_settings
+
+    config = load_config(composed(
+        "method.use_dora=true", "method.use_rslora=true", "method.init_lora_weights=pissa_niter_16",
+        "method.target_modules=all-linear", "method.modules_to_save=[lm_head]", "method.loraplus_lr_ratio=16",
+    ))  # fmt: skip
+    assert lora_settings(config.method) == {
+        "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", "use_dora": True,
+        "use_rslora": True, "init_lora_weights": "pissa_niter_16", "modules_to_save": ["lm_head"],
+    }  # fmt: skip
+    assert config.method.loraplus_lr_ratio == 16  # the project's own: not a LoraConfig field
+    for init in ("true", "false", "gaussian", "pissa", "olora", "mica"):
+        load_config(composed(f"method.init_lora_weights={init}"))
+    with pytest.raises(ConfigError) as error:
+        load_config(
+            composed("method.use_dorra=true", "method.task_type=SEQ_CLS", "method.inference_mode=true")
+        )
+    message = str(error.value)
+    assert (
+        "method.use_dorra: not a field of peft's LoraConfig; did you mean use_dora, use_bdlora, use_rslora?"
+        in (message)
+    )
+    assert (
+        "method.task_type: set by the run from stage.name (TRL trains a causal LM: CAUSAL_LM); remove it"
+        in (message)
+    )
+    assert "method.inference_mode: set by the run from the stage (it trains;" in message
+    assert "refuses" not in message  # the keys peft has no field for are not handed to it
+    with pytest.raises(
+        ConfigError, match=r"method.use_dora: a LoRA setting, and method=full trains no adapter"
+    ):
+        load_config(composed("method=full", "method.use_dora=true"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # peft's own checks (LoraConfig.__post_init__), before anything loads
+        (("method.use_dora=true", "method.lora_bias=true"),
+         "method: peft's LoraConfig refuses these settings: The argument lora_bias=True is not supported "
+         "for DoRA"),
+        (("method.init_lora_weights=pisa",),
+         "method.init_lora_weights: 'pisa' is not one of peft's: true, false, gaussian, orthogonal, pissa, "
+         "pissa_niter_<n>, olora, mica, loftq, eva, corda, lora_ga"),
+        (("method.init_lora_weights=orthogonal", "method.r=7"),
+         "method.init_lora_weights=orthogonal: peft needs an even rank (it splits r in two); method.r is 7"),
+        # what needs a pass over the data, or replaces the base
+        (("method.init_lora_weights=eva",),
+         "method.init_lora_weights=eva: EVA initializes from an SVD of each layer's inputs over the data "
+         "(peft's initialize_lora_eva_weights), a pass a run does not make"),
+        (("method.init_lora_weights=loftq",),
+         "method.init_lora_weights=loftq: LoftQ replaces the base weights by their own 4-bit quantization"),
+        # decompositions of the base weight: not of 4-bit weights, nor where ranks lack it, nor under DPO
+        (("method=qlora", "method.init_lora_weights=pissa"),
+         "method.init_lora_weights=pissa: peft runs an SVD of float weights and refuses 4-bit ones "
+         "(peft/tuners/lora/layer.py pissa_init: TypeError); use method=lora"),
+        (("method=qlora", "method.init_lora_weights=olora"),
+         "method.init_lora_weights=olora: peft re-quantizes the residual W - scale x B0A0, so the adapter is "
+         "right only on that re-quantized base, which no checkpoint holds"),
+        (("launch=fsdp", "launch.num_processes=2", "method.init_lora_weights=olora"),
+         "method.init_lora_weights=olora: peft computes it from the base weights when it wraps the model, "
+         "and under fsdp not every rank holds them then (FSDP: ranks but 0 hold empty tensors until "
+         "accelerate broadcasts rank 0's"),
+        (("launch=zero3", "launch.num_processes=2", "method.init_lora_weights=pissa_niter_4"),
+         "method.init_lora_weights=pissa_niter_4: peft computes it from the base weights when it wraps the "
+         "model, and under zero3"),
+        (("stage=dpo", "data=preference_sample", "method.init_lora_weights=pissa"),
+         "method.init_lora_weights=pissa: stage=dpo scores its reference with the adapter disabled (TRL), "
+         "and pissa changes that base to the residual W - scale x B0A0, which is not the starting model"),
+        # sharded QLoRA's skeleton is filled at step 0, after peft read it
+        (("method=qlora", "launch=fsdp", "launch.num_processes=2", "method.use_dora=true"),
+         "method.use_dora: DoRA's magnitudes are the base weights' row norms, taken when peft wraps the "
+         "model, and under fsdp QLoRA's weights are read and quantized at step 0 "
+         "(train/quantized_loading.py), after peft has wrapped the model's empty skeleton; use launch=ddp or "
+         "zero2, or method=lora"),
+        (("method=qlora", "launch=zero3", "launch.num_processes=2", "method.modules_to_save=[lm_head]"),
+         "method.modules_to_save: peft copies these modules when it wraps the model, and under zero3 QLoRA's "
+         "weights are read and quantized at step 0"),
+        (("method.modules_to_save=[lm_head,q_proj,score]",),
+         "method.modules_to_save: 'score' is no module of Llama 3.1 that trains whole; use names from "
+         "embed_tokens, lm_head, norm"),
+        (("method.modules_to_save=[q_proj]",),
+         "method.modules_to_save: q_proj is also a LoRA target (method.target_modules); train it one way"),
+        (("model.tie_word_embeddings=true", "method.modules_to_save=[lm_head]"),
+         "method.modules_to_save: lm_head is one tensor with the other embedding in this model "
+         "(model.tie_word_embeddings), and peft copies only what it names"),
+        (("method.loraplus_lr_ratio=0",), "method.loraplus_lr_ratio: 0.0; a number > 0"),
+        (("method.loraplus_lr_ratio=16", "training.optim=galore_adamw"),
+         "method.loraplus_lr_ratio: training.optim=galore_adamw builds its own parameter groups"),
+        (("method=full", "method.loraplus_lr_ratio=16"),
+         "method.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices, and method=full has "
+         "none"),
+    ],
+)  # fmt: skip
+def test_adapter_settings_that_cannot_run_are_refused_with_the_reason(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(composed(*overrides))
+    assert expected in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("method=qlora", "method.use_dora=true", "method.use_rslora=true",
+         "method.target_modules=all-linear"),
+        ("method=qlora", "launch=ddp", "launch.num_processes=2", "method.use_dora=true"),
+        ("launch=fsdp", "launch.num_processes=2", "method.use_dora=true", "method.loraplus_lr_ratio=16",
+         "method.modules_to_save=[lm_head]"),
+        ("launch=zero3", "launch.num_processes=2", "method.use_dora=true",
+         "method.init_lora_weights=gaussian"),
+        ("launch=zero2", "launch.num_processes=2", "method.init_lora_weights=pissa"),
+        ("stage=dpo", "data=preference_sample", "method.use_dora=true", "method.init_lora_weights=mica"),
+        ("model.tie_word_embeddings=true", "method.modules_to_save=[lm_head]",
+         "method.ensure_weight_tying=true"),
+    ],
+)  # fmt: skip
+def test_adapter_settings_that_peft_and_the_launch_support_load(overrides):
+    load_config(composed(*overrides))

@@ -102,7 +102,7 @@ def test_nf4_double_quant_costs_its_bitsandbytes_bytes():
     )
 
 
-def peft_trainable(model_cfg, tokenizer, r: int, target_modules) -> int:
+def peft_trainable(model_cfg, tokenizer, r: int, target_modules, **lora) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -111,7 +111,7 @@ def peft_trainable(model_cfg, tokenizer, r: int, target_modules) -> int:
     with torch.device("meta"):
         model = get_peft_model(
             LlamaForCausalLM(llama_config(model_cfg, tokenizer)),
-            LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules, task_type="CAUSAL_LM"),
+            LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules, task_type="CAUSAL_LM", **lora),
         )
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -472,3 +472,53 @@ def test_recipes_are_listed_and_fit_the_gpus_they_name():
     assert set(rows) == {p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")}
     text = run_plan("recipes=true").stdout
     assert "1b_lora_chat          1b       lora   sft   local x1    2,048    1 x 8" in text
+
+
+def test_dora_counts_its_magnitudes_kept_outputs_and_weight_norm(tokenizer):
+    """DoRA (method.use_dora) on 8B, q/k/v/o, one GPU, 1,024 tokens, checkpointing on (conf/model/8b.yaml),
+    dropout 0.05 (conf/method/lora.yaml): a magnitude per output feature of each adapted Linear (as peft
+    counts on a meta-device model), trained like the adapters (fp32 weight, gradient, two moments, the foreach
+    temporary); per token of the recomputed layer the base output and B(A(x)) of each (2 x 2 bytes x out),
+    and with dropout the weight the recomputing matmul keeps (2 bytes x in x out); the norm's transient at
+    the largest adapted Linear (docs/memory.md, "DoRA")."""
+    from train.plan.memory import dora_magnitude_parameters, dora_norm_bytes
+
+    lora, dora = (
+        config_for("model=8b", "method=lora"),
+        config_for("model=8b", "method=lora", "method.use_dora=true"),
+    )
+    magnitudes = 32 * (4096 + 1024 + 1024 + 4096)
+    assert dora_magnitude_parameters(dora.model, dora.method) == magnitudes == 327_680
+    assert peft_trainable(dora.model, tokenizer, 16, list(dora.method.target_modules), use_dora=True) == (
+        13_631_488 + magnitudes
+    )
+    before, after = (
+        per_gpu_bytes(on_gpu(c), c.method, "single", 1, tokens=1024, optim="adamw_torch")
+        for c in (lora, dora)
+    )
+    for part, per_param in (("weights", 4), ("gradients", 4), ("optimizer", 8), ("step_temporaries", 4)):
+        assert after[part] - before[part] == per_param * magnitudes, part
+    square = 4096 * 4096  # q_proj and o_proj; k_proj and v_proj are 4096 x 1024
+    kept_outputs = 1024 * 2 * 2 * (4096 + 1024 + 1024 + 4096)  # one layer's, recomputed
+    kept_weights = 2 * (square + 4096 * 1024 + 4096 * 1024 + square)
+    assert after["activations"] - before["activations"] == kept_outputs + kept_weights == 125_829_120
+    # eye(4096) fp32 + its bf16 cast (6 in^2); B A in bf16 and its fp32 cast (6), the base's fp32 cast (4),
+    # scale x BA and W + scale x BA in fp32 (8)
+    assert after["dora_norm"] == 24 * square == 402_653_184 and before["dora_norm"] == 0
+    assert after["peak"] - before["peak"] == (
+        4 * magnitudes  # weights
+        + 8 * magnitudes  # moments
+        + kept_outputs
+        + kept_weights
+        + 24 * square  # the backward's working set, which is the larger
+    )
+    qdora = config_for("model=8b", "method=qlora", "method.use_dora=true")
+    # QLoRA's x stays bf16 (autocast): eye 6 in^2, B A 2, the dequantized weight 2, the norm's pair 4
+    assert dora_norm_bytes(on_gpu(qdora), qdora.method) == 14 * square
+    cpu = dataclasses.replace(dora.model, dtype="float32")  # LoRA in fp32: no casts, the weight itself kept
+    assert dora_norm_bytes(cpu, dora.method) == 16 * square
+    all_linear = config_for(
+        "model=8b", "method=lora", "method.use_dora=true", "method.target_modules=all-linear"
+    )
+    # down_proj's A takes 14,336 inputs: eye(14336) dominates, 1.2 GB of bf16 + fp32 identity alone
+    assert dora_norm_bytes(on_gpu(all_linear), all_linear.method) == 6 * 14_336**2 + 18 * 14_336 * 4096

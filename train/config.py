@@ -53,6 +53,36 @@ SET_BY_THE_RUN = {
 }
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Fields of peft's LoraConfig that the run sets itself (train/model.py build_peft_config, peft's save), and
+# from what.
+LORA_SET_BY_THE_RUN = {
+    "task_type": "stage.name (TRL trains a causal LM: CAUSAL_LM)",
+    "peft_type": "method.name (LoRA)",
+    "inference_mode": "the stage (it trains; peft saves the adapter with inference_mode true)",
+    "base_model_name_or_path": "model.path (peft records it when it saves)",
+    "revision": "model.path (weights come from a local directory, never a Hub revision)",
+    "auto_mapping": "peft, when it saves",
+    "peft_version": "peft, when it saves",
+}
+# init_lora_weights (peft 0.21, LoraConfig): values that draw the adapter at random, values that decompose the
+# base weight when peft wraps the model (pissa and olora then change it to the residual W - scale x B0 A0),
+# and values a run cannot give what they need, with the reason.
+RANDOM_INITS = ("true", "false", "gaussian", "orthogonal")
+BASE_INITS = ("pissa", "olora", "mica")  # and pissa_niter_<n>: a fast, randomized SVD with n iterations
+UNRUNNABLE_INITS = {
+    "loftq": "LoftQ replaces the base weights by their own 4-bit quantization and fits the adapter to that "
+    "base, which peft's workflow then saves as a new base model; a run trains and saves against model.path's "
+    "weights (for QLoRA use init_lora_weights=true or gaussian)",
+    "eva": "EVA initializes from an SVD of each layer's inputs over the data (peft's "
+    "initialize_lora_eva_weights), a pass a run does not make",
+    "corda": "CorDA needs peft's preprocess_corda over the data first, a pass a run does not make",
+    "lora_ga": "LoRA-GA needs peft's preprocess_loraga (gradients over the data) first, a pass a run does "
+    "not make",
+}
+# training.optim families whose transformers handler builds its own parameter groups (GaLore, APOLLO: params /
+# optimizer_dict) or takes the model (LOMO), so they cannot take LoRA+'s groups (transformers 5.25
+# trainer_optimizer.py)
+OWN_PARAMETER_GROUPS = ("galore", "apollo", "lomo")
 
 
 @dataclass
@@ -91,7 +121,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """full, lora or qlora; LoRA fields use peft's ``LoraConfig`` names."""
+    """full, lora or qlora; LoRA fields use peft's ``LoraConfig`` names.
+
+    Typed here: the fields the project itself uses. Any other field of ``LoraConfig`` passes through under
+    its own name (``method.use_dora=true``, ``method.init_lora_weights=pissa``): the node is open
+    (``open_method``) and ``lora_pass_through_problems`` checks such keys against peft's dataclass.
+    ``lora_settings`` gives every LoraConfig setting; ``adapter_problems`` what peft or a launch cannot run.
+    """
 
     name: str = MISSING
     r: int | None = None
@@ -101,6 +137,17 @@ class MethodConfig:
     load_in_4bit: bool = False
     bnb_4bit_quant_type: str = "nf4"  # bitsandbytes' BitsAndBytesConfig names
     bnb_4bit_use_double_quant: bool = True
+    # LoRA+ (peft's create_loraplus_optimizer): B matrices and DoRA's magnitudes learn at learning_rate x
+    # this; None: one learning rate for the whole adapter
+    loraplus_lr_ratio: float | None = None
+
+
+def open_method() -> DictConfig:
+    """The ``method`` node of the schema, typed but open to keys it does not declare, as ``open_training``:
+    any field of peft's ``LoraConfig`` is set like any other (``method.use_dora=true``)."""
+    node = OmegaConf.structured(MethodConfig)
+    OmegaConf.set_struct(node, False)
+    return node
 
 
 @dataclass
@@ -230,7 +277,7 @@ class SamplesConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=open_method)
     data: DataConfig = field(default_factory=DataConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     training: TrainingConfig = field(default_factory=open_training)
@@ -342,6 +389,7 @@ def validate(config: Config) -> list[str]:
             "(python -m train.plan)"
         )
     problems += _launch_problems(config.launch)
+    problems += adapter_problems(config)
     problems += _stage_problems(config)
     problems += _context_parallel_problems(config)
     return problems
@@ -601,9 +649,202 @@ def pass_through_problems(training: TrainingConfig, stage: str) -> list[str]:
     return problems
 
 
+def lora_settings(method: MethodConfig) -> dict[str, Any]:
+    """Every ``LoraConfig`` setting of ``method`` by name: the typed LoRA fields and the keys passed through
+    (``method.use_dora=true``); the project's own (name, 4-bit loading, LoRA+) are not LoraConfig's."""
+    typed = {f.name for f in dataclasses.fields(MethodConfig)}
+    settings = {key: getattr(method, key) for key in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    return {**settings, **{key: value for key, value in vars(method).items() if key not in typed}}
+
+
+def lora_pass_through_problems(method: MethodConfig) -> list[str]:
+    """The ``method.*`` keys ``MethodConfig`` does not declare, checked against the real fields of peft's
+    ``LoraConfig``: each must be one, and not one the run sets itself (``LORA_SET_BY_THE_RUN``). Imports peft
+    only when there is such a key."""
+    typed = {f.name for f in dataclasses.fields(MethodConfig)}
+    passed = sorted(set(vars(method)) - typed)
+    if not passed:
+        return []
+    if method.name == "full":
+        return [
+            f"method.{key}: a LoRA setting, and method=full trains no adapter; remove it" for key in passed
+        ]
+    import peft
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig) if f.init}
+    problems = []
+    for key in passed:
+        if key in LORA_SET_BY_THE_RUN:
+            problems.append(f"method.{key}: set by the run from {LORA_SET_BY_THE_RUN[key]}; remove it")
+        elif key not in fields:
+            nearest = difflib.get_close_matches(key, sorted(fields | typed), n=3)
+            fix = f"did you mean {', '.join(nearest)}?" if nearest else "remove it"
+            problems.append(f"method.{key}: not a field of peft's LoraConfig; {fix}")
+    return problems
+
+
+def init_name(value: Any) -> str:
+    """``method.init_lora_weights`` as a lower-case name: Hydra reads ``true``/``false`` as booleans."""
+    return str(value).lower()
+
+
+def adapter_problems(config: Config) -> list[str]:
+    """What peft cannot build from ``method.*``, and what a launch or stage cannot run with it, each with the
+    reason: data-dependent initializations and DoRA's magnitudes read the base weights when peft wraps the
+    model, which sharded launches do not all hold then (train/placement.py) and which sharded QLoRA fills
+    only at step 0 (train/quantized_loading.py)."""
+    method, strategy = config.method, config.launch.strategy
+    if method.name not in ("lora", "qlora"):
+        if method.loraplus_lr_ratio is not None:
+            return ["method.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices, and "
+                    f"method={method.name} has none; remove it"]  # fmt: skip
+        return []
+    settings = lora_settings(method)
+    sharded = strategy in ("fsdp", "zero3", "zero3_offload")
+    skeleton = method.name == "qlora" and sharded
+    at_step_0 = (
+        f"under {strategy} QLoRA's weights are read and quantized at step 0 (train/quantized_loading.py), "
+        "after peft has wrapped the model's empty skeleton"
+    )
+    init = init_name(settings.get("init_lora_weights", True))
+    problems = _init_problems(config, init, settings, sharded)
+    if problems:  # peft's own check of the rest, without the initialization already refused
+        settings = {key: value for key, value in settings.items() if key != "init_lora_weights"}
+    if set(settings) - {"r", "lora_alpha", "lora_dropout", "target_modules"}:
+        problems += _peft_refuses(settings)
+    if settings.get("use_dora") and skeleton:
+        problems.append(
+            f"method.use_dora: DoRA's magnitudes are the base weights' row norms, taken when peft wraps the "
+            f"model, and {at_step_0}; use launch=ddp or zero2, or method=lora"
+        )
+    problems += _modules_to_save_problems(settings, skeleton, at_step_0, config.model.tie_word_embeddings)
+    ratio = method.loraplus_lr_ratio
+    if ratio is not None:
+        if not isinstance(ratio, int | float) or ratio <= 0:
+            problems.append(f"method.loraplus_lr_ratio: {ratio!r}; a number > 0 (the LoRA+ paper uses 16)")
+        optim = str(config.training.optim)
+        if any(family in optim for family in OWN_PARAMETER_GROUPS):
+            problems.append(
+                f"method.loraplus_lr_ratio: training.optim={optim} builds its own parameter groups, so it "
+                "cannot take LoRA+'s; use an AdamW (adamw_torch), SGD or bitsandbytes optimizer"
+            )
+    return problems
+
+
+def _peft_refuses(settings: dict[str, Any]) -> list[str]:
+    """What peft's own ``LoraConfig`` refuses in these settings (its ``__post_init__``); keys that are no
+    field of it, or set by the run, are ``lora_pass_through_problems``'."""
+    import peft
+
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig) if f.init} - set(LORA_SET_BY_THE_RUN)
+    try:
+        peft.LoraConfig(
+            **{key: value for key, value in settings.items() if key in fields}, task_type="CAUSAL_LM"
+        )
+    except (ValueError, TypeError, ImportError) as error:
+        return [f"method: peft's LoraConfig refuses these settings: {error}"]
+    return []
+
+
+def _init_problems(config: Config, init: str, settings: dict[str, Any], sharded: bool) -> list[str]:
+    """``method.init_lora_weights``: one peft knows, whose needs the run, its launch and stage can meet."""
+    method, key = config.method, "method.init_lora_weights"
+    pissa_niter = init.startswith("pissa_niter_") and init.removeprefix("pissa_niter_").isdigit()
+    if init in UNRUNNABLE_INITS:
+        return [f"{key}={init}: {UNRUNNABLE_INITS[init]}; use true, gaussian, pissa or olora"]
+    if init not in RANDOM_INITS + BASE_INITS and not pissa_niter:
+        known = (*RANDOM_INITS, "pissa", "pissa_niter_<n>", "olora", "mica", *UNRUNNABLE_INITS)
+        return [f"{key}: {settings['init_lora_weights']!r} is not one of peft's: {', '.join(known)}"]
+    if init == "orthogonal" and method.r % 2:
+        return [f"{key}=orthogonal: peft needs an even rank (it splits r in two); method.r is {method.r}"]
+    if init in RANDOM_INITS:
+        return []
+    decomposes = "an SVD" if init.startswith("pissa") or init == "mica" else "a QR decomposition"
+    problems = []
+    if method.name == "qlora":
+        why = (
+            "peft re-quantizes the residual W - scale x B0A0, so the adapter is right only on that "
+            "re-quantized base, which no checkpoint holds (peft warns of this gap when it converts, "
+            "LoraModel.subtract_mutated_init)"
+            if init == "olora"
+            else f"peft runs {decomposes} of float weights and refuses 4-bit ones "
+            f"(peft/tuners/lora/layer.py {init.split('_')[0]}_init: TypeError)"
+        )
+        problems.append(f"{key}={init}: {why}; use method=lora, or init_lora_weights=true or gaussian")
+    elif sharded:
+        problems.append(
+            f"{key}={init}: peft computes it from the base weights when it wraps the model, and under "
+            f"{config.launch.strategy} not every rank holds them then (FSDP: ranks but 0 hold empty tensors "
+            "until accelerate broadcasts rank 0's, so they would decompose uninitialized memory; ZeRO-3: "
+            "partitions, each gathered and changed in place), a path no test here proves; use launch=ddp or "
+            "zero2, or init_lora_weights=true or gaussian"
+        )
+    changes_base = init != "mica"
+    if changes_base and config.stage.name != "sft":
+        problems.append(
+            f"{key}={init}: stage={config.stage.name} scores its reference with the adapter disabled (TRL), "
+            f"and {init} changes that base to the residual W - scale x B0A0, which is not the starting "
+            "model; use init_lora_weights=true or gaussian"
+        )
+    if (
+        changes_base
+        and settings.get("use_rslora")
+        and (settings.get("rank_pattern") or settings.get("alpha_pattern"))
+    ):
+        problems.append(
+            f"{key}={init}: the adapter/ a run saves is converted to a plain LoRA of rank 2r, which peft "
+            "cannot express with use_rslora and rank_pattern/alpha_pattern together (LoraModel"
+            "._convert_state_dict_for_initial_model); drop use_rslora or the patterns"
+        )
+    return problems
+
+
+def _modules_to_save_problems(
+    settings: dict[str, Any], skeleton: bool, at_step_0: str, tied: bool
+) -> list[str]:
+    """``method.modules_to_save``: Llama modules the planner can count, apart from the LoRA targets; on a
+    model whose LM head is its embedding (Llama 3.2 1B/3B), trained as the one tensor they are."""
+    from train.plan.architecture import LINEARS
+
+    modules = settings.get("modules_to_save")
+    if not modules:
+        return []
+    key = "method.modules_to_save"
+    savable = ("embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm", *LINEARS)
+    if isinstance(modules, str) or not all(isinstance(name, str) for name in modules):
+        return [f"{key}: {modules!r}; a list of module names, e.g. [lm_head]"]
+    problems = [
+        f"{key}: {name!r} is no module of Llama 3.1 that trains whole; use names from {', '.join(savable)}"
+        for name in modules
+        if name not in savable
+    ]
+    targets = settings.get("target_modules")
+    targets = LINEARS if targets == "all-linear" else targets if isinstance(targets, list | tuple) else ()
+    problems += [
+        f"{key}: {name} is also a LoRA target (method.target_modules); train it one way"
+        for name in modules
+        if name in targets
+    ]
+    if skeleton:
+        problems.append(
+            f"{key}: peft copies these modules when it wraps the model, and {at_step_0}: the copies would "
+            "stay empty; use launch=ddp or zero2, or method=lora"
+        )
+    embeddings = [name for name in modules if name in ("embed_tokens", "lm_head")]
+    if tied and embeddings and not settings.get("ensure_weight_tying"):
+        problems.append(
+            f"{key}: {', '.join(embeddings)} is one tensor with the other embedding in this model "
+            "(model.tie_word_embeddings), and peft copies only what it names: the trained copy would part "
+            "from its twin, and a merged or saved model, tied by its config, keeps one of the two; add "
+            "method.ensure_weight_tying=true (peft then trains one copy for both)"
+        )
+    return problems
+
+
 def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
     """Keys in ``node`` that ``schema`` lacks, with their full names; ``training.*`` keys pass through to
-    TRL, checked by ``pass_through_problems``.
+    TRL, checked by ``pass_through_problems``, and ``method.*`` keys to peft, by
+    ``lora_pass_through_problems``.
 
     Hydra lets ``+key=value`` append past struct mode, so the schema is checked once more here.
     """
@@ -611,7 +852,7 @@ def unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
     unknown = []
     for key in node:
         if key not in fields:
-            if schema is not TrainingConfig:
+            if schema not in (TrainingConfig, MethodConfig):
                 unknown.append(f"{prefix}{key}")
         elif dataclasses.is_dataclass(field_type := _resolved_type(schema, key)):
             unknown += unknown_keys(node[key], field_type, f"{prefix}{key}.")
@@ -640,6 +881,7 @@ def load_config(cfg: DictConfig, *, check: bool = True) -> Config:
     except Exception as error:  # a MISSING value surfaces only here
         raise ConfigError(str(error)) from None
     problems = pass_through_problems(config.training, config.stage.name)
+    problems += lora_pass_through_problems(config.method)
     problems += validate(config) if check else []
     if problems:
         raise ConfigError("the config cannot run:\n  " + "\n  ".join(problems))

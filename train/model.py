@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from data.tokenizer import stop_token_ids
-from train.config import MethodConfig, ModelConfig
+from train.config import MethodConfig, ModelConfig, lora_settings
 from train.fast_path import attention
 from train.placement import Placement, release_freed_host_memory
 from train.quantized_loading import QUANTIZED_LOAD, partition_for_zero3, quantized_skeleton
@@ -285,13 +285,10 @@ def write_random_checkpoint(
 
 
 def build_peft_config(method: MethodConfig) -> LoraConfig | None:
-    """The LoRA adapter for ``lora``/``qlora`` (TRL's SFTTrainer applies it); None for ``full``."""
+    """The LoRA adapter for ``lora``/``qlora`` (TRL's SFTTrainer applies it); None for ``full``. Every
+    ``LoraConfig`` field ``method`` sets, typed or passed through (``train.config.lora_settings``: DoRA,
+    rsLoRA, ``init_lora_weights``, ``modules_to_save``, ...), under its own name; ``validate`` has refused
+    what peft or the launch cannot run before anything loads."""
     if method.name == "full":
         return None
-    return LoraConfig(
-        r=method.r,
-        lora_alpha=method.lora_alpha,
-        lora_dropout=method.lora_dropout,
-        target_modules=method.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    return LoraConfig(**lora_settings(method), task_type="CAUSAL_LM")

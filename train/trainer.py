@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import trl
 from datasets import Dataset
+from peft import PeftModel
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from trl import SFTConfig, SFTTrainer
@@ -101,12 +102,43 @@ def configure_wandb(config: Config, run_dir: Path) -> None:
 
 
 class ShardedOnCpu(Trainer):
-    """Mixed into every stage's trainer: FSDP shards on CPU too (``shard_with_fsdp_on_cpu``), and the
-    final save streams one tensor at a time while checkpoints stay sharded."""
+    """Mixed into every stage's trainer: FSDP shards on CPU too (``shard_with_fsdp_on_cpu``), the final save
+    streams one tensor at a time while checkpoints stay sharded, and LoRA+ builds the optimizer
+    (``create_optimizer``). ``watch_run`` sets what these read: ``loraplus_lr_ratio``, ``initial_adapter``."""
+
+    loraplus_lr_ratio: float | None = None  # method.loraplus_lr_ratio
+    initial_adapter: dict[str, torch.Tensor] | None = None  # PiSSA/OLoRA's A0 and B0 (``initial_lora``)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         self.is_fsdp_enabled = self.is_fsdp_enabled or shard_with_fsdp_on_cpu(self.accelerator, self.args)
+
+    def create_optimizer(self, model=None):
+        """With ``loraplus_lr_ratio`` (LoRA+), peft's ``create_loraplus_optimizer``: the run's optimizer
+        (``training.optim`` with its learning rate, betas, epsilon, as Trainer builds it), B matrices and
+        DoRA's magnitude vectors at ``learning_rate x ratio``, ``training.weight_decay`` on every group that
+        peft decays. Trainer calls this where it builds its own optimizer, so every launch takes it: before
+        FSDP2 shards the model (accelerate then swaps each parameter for its shard, keeping the groups) and
+        as DeepSpeed's client optimizer (``deepspeed_optim_sched``; under ZeRO offload accelerate turns it
+        into DeepSpeedCPUAdam with the same groups). Without a ratio, Trainer's own."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+        from transformers.trainer_optimizer import is_optimizer_factory
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
+            raise ValueError(
+                f"training.optim={self.args.optim} builds its own parameter groups; LoRA+ "
+                "(method.loraplus_lr_ratio) needs an optimizer class, such as adamw_torch"
+            )
+        kwargs = dict(kwargs)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model, optimizer_cls, lr=kwargs.pop("lr"), loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay, **kwargs,
+        )  # fmt: skip
+        return self.optimizer
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (``_internal_call``) stay Trainer's, sharded. The final ``adapter/`` or ``model/`` is
@@ -118,8 +150,10 @@ class ShardedOnCpu(Trainer):
         if not _internal_call:
             max_shard_size = getattr(self, "max_shard_size", MAX_SHARD_SIZE)  # training.max_shard_size
             tokenizer = self.processing_class
-            save_final(model, output_dir or self.args.output_dir, args=self.args, tokenizer=tokenizer,
-                       max_shard_size=max_shard_size)  # fmt: skip
+            output_dir = output_dir or self.args.output_dir
+            save_final(model, output_dir, args=self.args, tokenizer=tokenizer, max_shard_size=max_shard_size)
+            if self.initial_adapter is not None and self.args.should_save:
+                as_plain_lora(Path(output_dir), self.initial_adapter)
             return
         if self.is_deepspeed_enabled and isinstance(model, PreTrainedModel):
             zero = self.accelerator.deepspeed_config["zero_optimization"]["stage"]
@@ -168,11 +202,68 @@ def keep_adapters_fp32(model) -> None:
     """Undo TRL's cast of a quantized model's adapter to bf16 (every TRL trainer does it in __init__, citing
     the QLoRA paper): trainable weights keep an fp32 master copy on every device (docs/memory.md). In bf16 a
     LoRA weight of ~0.016 moves in steps of ~6e-5, so updates of ~lr (DPO's 5e-6) would be lost; on CPU
-    bf16 matmuls are also ~200x slower. Compute stays in the run's dtype (autocast, peft's input casts)."""
-    if getattr(model, "is_loaded_in_4bit", False):
+    bf16 matmuls are also ~200x slower. Compute stays in the run's dtype (autocast, peft's input casts).
+    Also any adapter model's ``method.modules_to_save``: peft copies those modules as they are (bf16 on a
+    GPU) and upcasts only its tuner layers (peft tuners_utils.py ``cast_adapter_dtype``)."""
+    if getattr(model, "is_loaded_in_4bit", False) or isinstance(model, PeftModel):
         for parameter in model.parameters():
-            if parameter.requires_grad:
+            if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
+
+
+def keep_4bit_weights_unpacked_for_dora(model) -> None:
+    """QLoRA with DoRA on a CPU: bitsandbytes repacks a ``Linear4bit``'s codes for its AVX512-BF16 inference
+    kernel at the first forward without gradients (evaluation, samples; bitsandbytes 0.50 nn/modules.py
+    ``Linear4bit.forward``), and peft's DoRA then dequantizes the repacked bytes as NF4 codes for its weight
+    norm (peft tuners/lora/dora.py ``DoraLinearLayer.forward``, ``dequantize_module_weight``): measured on the
+    tiny model, logits 4.4 off after one evaluation, for the rest of the run. Off for the layers DoRA
+    adapts; plain QLoRA keeps bitsandbytes' kernel. No-op on a GPU, where bitsandbytes never repacks."""
+    for module in model.modules():
+        if getattr(module, "lora_magnitude_vector", None):
+            base = module.get_base_layer()
+            if hasattr(base, "support_avx512bf16_for_cpu"):
+                base.support_avx512bf16_for_cpu = False
+
+
+def initial_lora(model) -> dict[str, torch.Tensor]:
+    """The A and B matrices a PiSSA/OLoRA adapter starts from, as peft saves them (``as_plain_lora``)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return {
+        name: t.detach().to("cpu", copy=True)
+        for name, t in state.items()
+        if ".lora_A." in name or ".lora_B." in name
+    }
+
+
+def as_plain_lora(adapter_dir: Path, initial: dict[str, torch.Tensor]) -> None:
+    """Rewrite a PiSSA/OLoRA ``adapter/`` as a plain LoRA adapter of rank 2r for the unchanged base, as peft's
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does (peft 0.21 peft_model.py
+    save_pretrained, tuners/lora/model.py ``subtract_mutated_init``): the run trained W_res + s BA with
+    W_res = W - s B0A0, so W + s (BA - B0A0) = W + s [B | -B0] [A ; A0] is the same model on W; the rank
+    doubles, alpha doubles (x sqrt 2 under rsLoRA) to keep s. DoRA's magnitudes and ``modules_to_save``
+    carry over as they are. Any tool that applies LoRA to the base (peft without re-running the
+    decomposition, merges, servers) then reads it right."""
+    import json
+    import math
+
+    from safetensors.torch import load_file, save_file
+
+    weights_file, config_file = adapter_dir / "adapter_model.safetensors", adapter_dir / "adapter_config.json"
+    tensors = load_file(weights_file)
+    for name, tensor in tensors.items():
+        if ".lora_A." in name:
+            tensors[name] = torch.cat([tensor, initial[name].to(tensor.dtype)], dim=0)
+        elif ".lora_B." in name:
+            tensors[name] = torch.cat([tensor, -initial[name].to(tensor.dtype)], dim=1)
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    config = json.loads(config_file.read_text())
+    scale = math.sqrt(2) if config.get("use_rslora") else 2
+    config.update(init_lora_weights=True, r=2 * config["r"], lora_alpha=scale * config["lora_alpha"])
+    for pattern, factor in (("rank_pattern", 2), ("alpha_pattern", scale)):
+        config[pattern] = {key: factor * value for key, value in (config.get(pattern) or {}).items()}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build_trainer(
@@ -213,6 +304,13 @@ def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
     given back and the launch is checked; checkpoints are marked COMPLETE, and a stop request (SIGTERM, USR1,
     the stop file) checkpoints and stops; each rank writes what it holds after the first step."""
     trainer.max_shard_size = config.training.max_shard_size  # the final model/ (ShardedOnCpu.save_model)
+    trainer.loraplus_lr_ratio = config.method.loraplus_lr_ratio  # ShardedOnCpu.create_optimizer
+    if isinstance(trainer.model, PeftModel):
+        adapter = trainer.model.active_peft_config
+        if str(adapter.init_lora_weights).lower().startswith(("pissa", "olora")):
+            trainer.initial_adapter = initial_lora(trainer.model)  # the final adapter/ as a plain LoRA
+        if adapter.use_dora and not torch.cuda.is_available():
+            keep_4bit_weights_unpacked_for_dora(trainer.model)
     pending = getattr(trainer.model, QUANTIZED_LOAD, None)
     if pending is not None:  # QLoRA under FSDP/ZeRO-3: the 4-bit weights into each rank's shard, first
         trainer.add_callback(LoadQuantizedShards(pending, trainer.args.device))

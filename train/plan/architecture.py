@@ -118,10 +118,6 @@ def lora_targets(method: MethodConfig) -> tuple[str, ...]:
     return targets
 
 
-def trainable_parameters(model: ModelConfig, method: MethodConfig) -> int:
-    return count_parameters(model) if method.name == "full" else lora_parameters(model, method)
-
-
 def kv_cache_bytes_per_token(model: ModelConfig) -> int:
     """K and V, per layer, kv_heads x head_dim wide, in bf16: 131,072 bytes for 8B."""
     head_dim = model.hidden_size // model.num_attention_heads

@@ -26,7 +26,6 @@ from train.plan.architecture import (
     lora_targets,
     nf4_linear_bytes,
     nf4_statistics_bytes,
-    trainable_parameters,
     unquantized_parameters,
 )
 
@@ -44,6 +43,63 @@ TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32_768
 DEEPSPEED_SUB_GROUP = 10**9
 # The final save of a full fine-tune writes one safetensors file of at most this size at a time.
 SAVE_SHARD_BYTES = 5 * 10**9
+
+
+# ── what an adapter method trains: LoRA's A and B, DoRA's magnitudes, modules_to_save ─────────
+def uses_dora(method: MethodConfig) -> bool:
+    """``method.use_dora`` (a peft LoraConfig field passed through, train/config.py)."""
+    return method.name != "full" and bool(getattr(method, "use_dora", False))
+
+
+def dora_magnitude_parameters(model: ModelConfig, method: MethodConfig) -> int:
+    """DoRA's magnitude vectors: one trainable value per output feature of each adapted Linear, the row
+    norms of W + scale x BA when peft wraps the model (peft 0.21 tuners/lora/dora.py:101-128
+    ``DoraLinearLayer.update_layer``, :86-91 ``get_weight_norm``: ``torch.linalg.norm(weight, dim=1)``, an
+    ``nn.Parameter``). 8B, q/k/v/o: 32 x (4096 + 1024 + 1024 + 4096) = 327,680."""
+    if not uses_dora(method):
+        return 0
+    shapes = linear_shapes(model)
+    return model.num_hidden_layers * sum(shapes[target][1] for target in lora_targets(method))
+
+
+def llama_modules(model: ModelConfig) -> dict[str, int]:
+    """Every module with weights, by its path in transformers' ``LlamaForCausalLM``, and its parameters."""
+    hidden, vocab = model.hidden_size, model.vocab_size
+    modules = {"model.embed_tokens": vocab * hidden, "model.norm": hidden, "lm_head": vocab * hidden}
+    for layer in range(model.num_hidden_layers):
+        prefix = f"model.layers.{layer}"
+        modules |= {f"{prefix}.input_layernorm": hidden, f"{prefix}.post_attention_layernorm": hidden}
+        for name, (fan_in, fan_out) in linear_shapes(model).items():
+            block = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            modules[f"{prefix}.{block}.{name}"] = fan_in * fan_out
+    return modules
+
+
+def saved_module_sizes(model: ModelConfig, method: MethodConfig) -> list[int]:
+    """The modules ``method.modules_to_save`` trains whole, as peft's copies: a name takes every module whose
+    path ends with it (peft 0.21 utils/other.py ``_set_trainable``: ``key.endswith(target_key)``), so
+    ``norm`` is every RMSNorm. Their originals stay frozen beside them."""
+    names = tuple(getattr(method, "modules_to_save", None) or ()) if method.name != "full" else ()
+    return [size for path, size in llama_modules(model).items() if names and path.endswith(names)]
+
+
+def adapter_parameters(model: ModelConfig, method: MethodConfig) -> int:
+    """What LoRA/QLoRA train: A and B (``lora_parameters``), DoRA's magnitudes, modules_to_save's copies."""
+    return (
+        lora_parameters(model, method)
+        + dora_magnitude_parameters(model, method)
+        + sum(saved_module_sizes(model, method))
+    )
+
+
+def trained_parameters(model: ModelConfig, method: MethodConfig) -> int:
+    """Every parameter the optimizer steps: all of them (full), or the adapter's (``adapter_parameters``)."""
+    return count_parameters(model) if method.name == "full" else adapter_parameters(model, method)
+
+
+def largest_trained_tensor(model: ModelConfig, method: MethodConfig) -> int:
+    """Elements of the largest tensor the optimizer steps (a module of modules_to_save may be the LM head)."""
+    return max(largest_trainable_tensor(model, method), *saved_module_sizes(model, method), 0)
 
 
 def compute_bytes(model: ModelConfig) -> int:
@@ -148,6 +204,8 @@ def activation_bytes(
     copy; its SwiGLU keeps gate and up and recomputes silu (liger_kernel/ops/rms_norm.py, swiglu.py).
     With activation offloading the forward's kept tensors go to host RAM (``offloaded_activation_bytes``)
     and the GPU holds what one layer's backward needs, plus the offloader's stash of tensors in flight.
+    DoRA keeps two outputs per token of each adapted Linear, and with dropout a weight per adapted Linear
+    (``dora_kept_weight_bytes``): every layer's, or the recomputed layer's under checkpointing.
     """
     compute = compute_bytes(model)
     residual = 4 if fp32_residual(method, strategy) else compute
@@ -155,11 +213,12 @@ def activation_bytes(
     per_token = _layer_bytes_per_token(model, method, strategy, kernels)
     layers = model.num_hidden_layers
     final_norm = 4 * hidden + residual * hidden
+    weights = dora_kept_weight_bytes(model, method)  # per layer, whatever the tokens
     if kernels.offload:  # the stash: the forward's kept tensors, layer inputs under checkpointing
         stashed = residual * hidden if checkpointing else compute * model.intermediate_size
-        return tokens * (per_token + final_norm + OFFLOAD_STASH * stashed)
+        return tokens * (per_token + final_norm + OFFLOAD_STASH * stashed) + weights
     kept = (layers * residual * hidden + per_token) if checkpointing else layers * per_token
-    return tokens * (kept + final_norm)
+    return tokens * (kept + final_norm) + (weights if checkpointing else layers * weights)
 
 
 def _layer_bytes_per_token(model: ModelConfig, method: MethodConfig, strategy: str, kernels: Kernels) -> int:
@@ -175,7 +234,52 @@ def _layer_bytes_per_token(model: ModelConfig, method: MethodConfig, strategy: s
         shapes = linear_shapes(model)
         per_input = 2 * compute if method.lora_dropout else compute
         per_token += sum(per_input * shapes[t][0] + compute * method.r for t in lora_targets(method))
+        # DoRA (peft 0.21 tuners/lora/dora.py:155-165, DoraLinearLayer.forward): the products
+        # (mag_norm_scale - 1) * base_result and mag_norm_scale * lora_result keep both outputs for the
+        # magnitude's gradient: the base layer's output (recomputed with dropout, F.linear) and B(A(x))
+        if uses_dora(method):
+            per_token += sum(2 * compute * shapes[t][1] for t in lora_targets(method))
     return per_token
+
+
+def dora_kept_weight_bytes(model: ModelConfig, method: MethodConfig) -> int:
+    """What one decoder layer's DoRA keeps besides per-token activations: with dropout, peft recomputes the
+    base output from the dropped-out input (peft 0.21 tuners/lora/variants.py:243-246), ``F.linear(x,
+    weight)`` with ``weight = dequantize_module_weight(base_layer).to(x.dtype)`` (dora.py:141-142, :163), and
+    the matmul keeps that weight for x's gradient: a new tensor in the compute dtype, in x out, for QLoRA
+    (dequantized) and for LoRA under bf16 autocast (its cast); LoRA computing in fp32 keeps the parameter
+    itself. No dropout: the base layer's own output (counted per token), nothing more."""
+    if not uses_dora(method) or not method.lora_dropout:
+        return 0
+    compute = compute_bytes(model)
+    if method.name == "lora" and compute == 4:
+        return 0
+    shapes = linear_shapes(model)
+    return sum(compute * shapes[t][0] * shapes[t][1] for t in lora_targets(method))
+
+
+def dora_norm_bytes(model: ModelConfig, method: MethodConfig) -> int:
+    """The transient of DoRA's weight norm, at its largest adapted Linear (every forward, and each
+    recompute; peft 0.21 tuners/lora/dora.py): ``get_lora_weight`` runs B(A(eye(in))) (:94-99): an fp32
+    identity of in x in (the adapter's dtype; under bf16 autocast also its bf16 cast) and B A as in x out in
+    the compute dtype, cast to x's dtype when they differ (LoRA's x is fp32: peft casts inputs to the
+    adapter's dtype; QLoRA's is the compute dtype under autocast); the base weight dequantized (QLoRA, the
+    compute dtype) or cast to x's dtype (LoRA under bf16: fp32); ``get_weight_norm`` (:86-91) then holds
+    scale x BA and W + scale x BA at once, in x's dtype. All of it lives until DoRA's forward returns."""
+    if not uses_dora(method):
+        return 0
+    compute, qlora = compute_bytes(model), method.name == "qlora"
+    x_dtype = compute if qlora else 4
+    shapes = linear_shapes(model)
+
+    def transient(fan_in: int, fan_out: int) -> int:
+        weight = fan_in * fan_out
+        identity = (4 + (compute if compute != 4 else 0)) * fan_in * fan_in
+        lora_weight = (compute + (x_dtype if x_dtype != compute else 0)) * weight
+        base = (compute if qlora else 4 if compute != 4 else 0) * weight
+        return identity + lora_weight + base + 2 * x_dtype * weight
+
+    return max(transient(*shapes[t]) for t in lora_targets(method))
 
 
 def offloaded_activation_bytes(
@@ -262,7 +366,7 @@ def reference_bytes(model: ModelConfig, method: MethodConfig, reference: str) ->
     if reference == "weights":
         return compute_bytes(model) * count_parameters(model)
     if reference == "adapter":
-        return DTYPE_BYTES["float32"] * lora_parameters(model, method)
+        return DTYPE_BYTES["float32"] * adapter_parameters(model, method)
     return 0
 
 
@@ -271,10 +375,12 @@ _WORKING = (
     "gradients",
     "autocast_copies",
     "activations",
+    "dora_norm",
     "attention_mask",
     "lm_head_loss",
     "step_temporaries",
 )
+_BACKWARD = ("autocast_copies", "activations", "dora_norm", "attention_mask", "lm_head_loss")
 
 
 def frozen_bytes(model: ModelConfig, method: MethodConfig) -> int:
@@ -293,7 +399,9 @@ def gathered_unit_bytes(model: ModelConfig, method: MethodConfig) -> int:
     param_dtype; DeepSpeed's bf16 parameters), with its gradient in the same dtype (FSDP2 reduces in
     bf16 before casting each shard back to fp32). QLoRA's decoder Linears stay packed NF4."""
     compute, layers = compute_bytes(model), model.num_hidden_layers
-    adapters = 0 if method.name == "full" else lora_parameters(model, method) // layers
+    adapters = 0
+    if method.name != "full":  # A and B, DoRA's magnitudes: each layer's own
+        adapters = (lora_parameters(model, method) + dora_magnitude_parameters(model, method)) // layers
     if method.name == "qlora":
         norms = 2 * model.hidden_size
         unit = max(
@@ -337,7 +445,7 @@ def per_gpu_bytes(
     if strategy not in STRATEGIES:
         raise ValueError(f"launch.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
     per_param = trainable_bytes(method, strategy, optim, compute_bytes(model), on_gpu=on_gpu)
-    trainable = trainable_parameters(model, method)
+    trainable = trained_parameters(model, method)
     statistics = nf4_statistics_bytes(model) if method.name == "qlora" else 0  # every rank's, whole
     states = {
         "weights": frozen_bytes(model, method) - statistics + trainable * per_param.weight,
@@ -356,7 +464,7 @@ def per_gpu_bytes(
     if strategy == "zero3":  # one optimizer sub-group at a time
         parts["step_temporaries"] = per_param.step_temp * min(-(-trainable // gpus), DEEPSPEED_SUB_GROUP)
     if strategy in TORCH_ENGINES and not on_gpu and per_param.optimizer:  # torch's per-tensor AdamW:
-        largest = -(-largest_trainable_tensor(model, method) // (gpus if strategy == "fsdp" else 1))
+        largest = -(-largest_trained_tensor(model, method) // (gpus if strategy == "fsdp" else 1))
         parts["step_temporaries"] = 2 * 4 * largest  # sqrt(exp_avg_sq) and its quotient, one tensor at a time
     cpu_total = sum(states.values()) + statistics if strategy == "zero3_offload" else 0
     if strategy == "zero3_offload":  # DeepSpeed keeps all of it in CPU memory
@@ -369,12 +477,13 @@ def per_gpu_bytes(
     rows = tokens // seq_len
     tokens = -(-tokens // context_parallel)  # this GPU's part of every sequence
     parts["activations"] = activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
+    parts["dora_norm"] = dora_norm_bytes(model, method)
     parts["attention_mask"] = attention_mask_bytes(seq_len, rows, compute_bytes(model), kernels)
     parts["lm_head_loss"] = lm_head_bytes(model, method, tokens, strategy, fused=on_gpu)
     offloaded = offloaded_activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
     working = [k for k in _WORKING if not (k == "gradients" and strategy in DEEPSPEED)]
     resident = sum(v for k, v in parts.items() if k not in working)
-    backward = sum(parts[k] for k in ("autocast_copies", "activations", "attention_mask", "lm_head_loss"))
+    backward = sum(parts[k] for k in _BACKWARD)
     step = parts["step_temporaries"]
     grads = parts["gradients"] if "gradients" in working else 0
     if accumulation > 1:
@@ -395,7 +504,7 @@ def checkpoint_bytes(model: ModelConfig, method: MethodConfig, strategy: str, op
     in it (an adapter run saves the adapter). 70B full with AdamW: 12 B x 70.55e9 = 0.85 TB.
     ``model.dtype`` is resolved (``Device.resolve``)."""
     per_param = trainable_bytes(method, strategy, optim, compute_bytes(model))
-    return trainable_parameters(model, method) * (per_param.weight + per_param.master + per_param.optimizer)
+    return trained_parameters(model, method) * (per_param.weight + per_param.master + per_param.optimizer)
 
 
 # ── loading the checkpoint: the peak on one GPU before training ─────────────────────────
@@ -454,5 +563,5 @@ def host_bytes_per_node(
         largest = largest_trainable_tensor(model, method)
         save = compute * max(min(SAVE_SHARD_BYTES // compute, params), largest)
     else:
-        save = 4 * lora_parameters(model, method)
+        save = 4 * adapter_parameters(model, method)
     return {"load": copies * load, "save": save}

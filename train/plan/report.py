@@ -119,7 +119,8 @@ def _load_rule(plan: MemoryPlan) -> str:
 
 
 def _peak_rule(plan: MemoryPlan) -> str:
-    backward = "autocast_copies + activations + attention_mask + lm_head_loss"
+    dora = " + dora_norm" if plan.per_gpu_bytes.get("dora_norm") else ""  # DoRA's weight-norm transient
+    backward = f"autocast_copies + activations{dora} + attention_mask + lm_head_loss"
     if plan.strategy in ("zero2", "zero3", "zero3_offload"):  # DeepSpeed's gradient partitions are resident
         return f"resident (gradient partitions included) + max({backward}, step_temporaries)"
     if plan.gradient_accumulation_steps > 1:

@@ -10,7 +10,6 @@ from train.config import LaunchConfig, MethodConfig, ModelConfig
 from train.plan.architecture import (
     count_parameters,
     kv_cache_bytes_per_token,
-    trainable_parameters,
     weight_bytes,
 )
 from train.plan.device import Device
@@ -27,6 +26,7 @@ from train.plan.memory import (
     per_gpu_bytes,
     step_tokens,
     trainable_bytes,
+    trained_parameters,
 )
 
 
@@ -199,7 +199,7 @@ def plan_memory(
         gradient_accumulation_steps=accumulation, gradient_checkpointing=model.gradient_checkpointing,
         stage=stage, reference=reference, device=device.name, device_kind=device.kind,
         compute_dtype=resolved.dtype, params=count_parameters(model),
-        trainable_params=trainable_parameters(model, method), weights_bytes=weight_bytes(model),
+        trainable_params=trained_parameters(model, method), weights_bytes=weight_bytes(model),
         kv_cache_bytes_per_token=kv, kv_cache_bytes={t: t * kv for t in KV_TABLE_TOKENS},
         activations_bytes=checkpointing, kernels=dataclasses.asdict(kernels),
         logits_unfused_bytes=tokens * model.vocab_size * 4,
