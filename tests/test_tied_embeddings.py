@@ -30,6 +30,7 @@ def assert_tied(model) -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_the_merged_export_of_a_tied_model_stays_tied_and_computes_its_logits(tmp_path, tokenizer, method):
     from transformers import AutoModelForCausalLM
