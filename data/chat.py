@@ -121,6 +121,12 @@ def encode_chats(dialogs: Sequence[Sequence[Mapping]], tokenizer, **options) -> 
     return results
 
 
+def check_chat(messages: Sequence[Mapping], *, chat_format: str = "llama3.1", **options) -> None:
+    """Raise ValueError where ``encode_chat(messages, **options)`` would, for a tokenizer of ``chat_format``,
+    without a tokenizer: a reader names the record before any encoding starts."""
+    _plan(messages, builtin_tools_allowed=chat_format == "llama3.1", **options)
+
+
 def chat_format_of(tokenizer) -> str:
     """The chat format (``data.tokenizer.CHAT_TEMPLATES``) whose official template ``tokenizer`` carries, as
     ``data.load_tokenizer`` attaches it. Another template is refused: this encoder writes only those."""

@@ -16,6 +16,8 @@ SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 # Chat formats the encoder writes (``model.chat_format``), each an official Instruct template
 # (``data.tokenizer.CHAT_TEMPLATES``): Llama 3.1 and 3.3 share one, Llama 3.2 1B/3B have their own.
 CHAT_FORMATS = ("llama3.1", "llama3.2")
+# Formats whose records hold a list of messages, and the key it is under unless data.messages_field says
+MESSAGES_FIELDS = {"messages": "messages", "sharegpt": "conversations"}
 
 
 @dataclass
@@ -26,6 +28,9 @@ class DataConfig:
     strict: bool = False  # true: the first bad record stops the run; false: skip and count it
     lang: list[str] | None = None  # OpenAssistant trees: keep only these language codes
     threads: str = "best"  # OpenAssistant trees: best (best-ranked reply at each step) or all (every path)
+    # formats messages and sharegpt: the record's key holding the message list, when it is not the format's
+    # own (null: `messages`, ShareGPT's `conversations`); e.g. `conversation`
+    messages_field: str | None = None
     overflow: str = "truncate"  # conversations over training.max_length: truncate or drop
     num_proc: int = MISSING  # processes encoding the source (datasets' map)
     cache_dir: str | None = None  # prepared datasets; None: $XDG_CACHE_HOME/llama31-finetune/datasets

@@ -26,8 +26,9 @@ from datasets import Dataset, load_from_disk
 
 from data import held_out
 from data.cache import atomic_directory, cache_entry
+from data.chat import chat_format_of
 from data.preference import load_preferences, unpaired
-from data.readers import DataError, ReadResult, checked_file, load_conversations
+from data.readers import DataError, ReadResult, check_messages_field, checked_file, load_conversations
 from data.rows import (
     ENCODER_VERSION,
     PREFERENCE_VERSION,
@@ -48,6 +49,7 @@ def prepare_from_config(data, tokenizer, *, max_length: int, objective: str = "s
     (``prepare_dataset``), preference rows for ``dpo``/``kto`` (``prepare_preferences``). Held-out rows are
     split by conversation group with ``seed`` (``data.held_out``); an ``eval_path`` is prepared as the
     training source is, in its own format (``eval_format``, default ``format``), and cached the same way."""
+    check_messages_field(data.format, data.messages_field)
     if data.eval_split and data.eval_path:
         raise DataError(
             "two eval sets",
@@ -59,7 +61,7 @@ def prepare_from_config(data, tokenizer, *, max_length: int, objective: str = "s
             return prepare_dataset(
                 path, format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
                 threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
-                with_groups=with_groups,
+                with_groups=with_groups, messages_field=data.messages_field,
             )  # fmt: skip
         return prepare_preferences(
             path, format, tokenizer, objective=objective, max_length=max_length,
@@ -93,22 +95,28 @@ def prepare_dataset(
     num_proc: int = 1,
     cache_dir: str | os.PathLike | None = None,
     with_groups: bool = False,
+    messages_field: str | None = None,
 ) -> tuple[Dataset, PrepareSummary]:
     """Chats as ``input_ids`` + ``assistant_masks``: loaded from the cache, or read, encoded, saved there.
-    ``with_groups``: with the ``group`` column too (``data.held_out``; it is in the cache either way)."""
+    ``with_groups``: with the ``group`` column too (``data.held_out``; it is in the cache either way).
+    ``messages_field``: the key of a record's message list (``data.messages_field``)."""
     check_settings(overflow)
     settings = {
         "format": format, "lang": lang, "threads": threads, "strict": strict, "max_length": max_length,
         "overflow": overflow, "encoder": ENCODER_VERSION,
+        **({"messages_field": messages_field} if messages_field is not None else {}),
     }  # fmt: skip
     checked_file(Path(path))
     target = cache_entry(Path(path), tokenizer, settings, cache_dir)
     if not (cached := _from_cache(target, PrepareSummary, path)):
-        source = load_conversations(path, format, lang=lang, threads=threads, strict=strict)
+        source = load_conversations(
+            path, format, lang=lang, threads=threads, strict=strict, messages_field=messages_field,
+            chat_format=chat_format_of(tokenizer),
+        )  # fmt: skip
         groups = [held_out.group_of(conversation) for conversation in source.conversations]
         dataset, summary = encode_conversations(
             source.conversations, tokenizer, max_length=max_length, overflow=overflow, num_proc=num_proc,
-            groups=groups,
+            groups=groups, options=source.options,
         )  # fmt: skip
         cached = _saved(target, path, source, dataset, summary, rows="conversation")
     return _groups_kept(*cached, with_groups)

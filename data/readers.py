@@ -1,17 +1,38 @@
-"""Readers: local chat files → conversations (lists of ``{role, content}`` message dicts).
+"""Readers: local chat files → conversations (lists of message dicts, as ``data.chat`` encodes them), each
+with the encoder options its record declares (``tools``, ``builtin_tools``).
 
-Formats (``format=``):
+Formats (``format=``), each mapped onto messages by one small function below:
 
-- ``messages``: a ``messages`` list of ``{role, content}`` (TRL's conversational shape), or
-  ShareGPT's ``conversations`` list of ``{from, value}``.
+- ``messages``: a ``messages`` list of ``{role, content}`` (TRL's conversational shape; ``tool_calls`` on
+  assistant turns and ``tool``/``ipython`` turns as TRL and the Llama 3.1 template write them). A record
+  with ShareGPT's ``conversations`` instead is read as ``sharegpt``, as it always was.
+- ``sharegpt``: a ``conversations`` list of ``{from, value}``; ``from`` is ``human``/``user``,
+  ``gpt``/``assistant``, ``system``, ``function_call`` (a JSON ``{name, arguments}`` call by the assistant)
+  or ``observation``/``tool`` (the tool's result), the roles LLaMA-Factory's ShareGPT reads (axolotl's
+  ``tool`` too); a top-level ``system`` string is the system prompt, as in LLaMA-Factory.
+- ``alpaca``: ``instruction`` and an optional ``input`` make the user turn (instruction, a blank line,
+  input: the way Alpaca's own prompt separates them; LLaMA-Factory joins with one newline), ``output``
+  the assistant turn; optional ``system`` and ``history`` (``[[instruction, output], ...]`` before it).
+- ``prompt_completion``: TRL's prompt-completion type, ``prompt`` and ``completion`` each a plain string
+  (standard: a user turn, an assistant turn) or a list of messages (conversational). Loss falls on every
+  assistant turn, as in ``messages``; an assistant turn inside ``prompt`` is learned too.
 - ``oasst_messages`` / ``oasst_trees``: the OpenAssistant oasst1/oasst2 exports, flat
   (``*.messages.jsonl.gz``) or nested (``*.trees.jsonl.gz``), made into threads by ``data.oasst``.
 - ``oasst_top1``: ChatML text in ``text``, as in OpenAssistant/oasst_top1_2023-08-25.
 - ``guanaco``: ``### Human: …### Assistant: …`` text in ``text``, as in timdettmers/openassistant-guanaco.
 
+``messages_field`` names the list under another key (``data.messages_field``) for ``messages`` and
+``sharegpt``. Tools, per record, in any record format: ``tools`` is a list of JSON schemas (TRL's dataset
+convention; a JSON string of that list too, as parquet files often hold it), ``builtin_tools`` a list of
+Llama 3.1's built-in tool names (``brave_search``, ``wolfram_alpha``, ``code_interpreter``: the
+template's variable), so a call to one renders as ``<|python_tag|>name.call(...)`` ending in
+``<|eom_id|>``. A call's ``arguments`` may be an object or a JSON string of one (OpenAI's shape). Both
+reach ``encode_chat`` through ``Conversations.options``.
+
 Files: JSON lines, a JSON list of records (the file starts with ``[``), either gzipped (``.gz``),
-or ``.parquet``. Every conversation returned passes ``validate_messages`` and ends on an
-assistant turn: turns after the last assistant turn are cut, as nothing would learn from them.
+or ``.parquet``. Every conversation returned passes the encoder's checks (``data.chat.check_chat``, for
+the ``chat_format`` it will be encoded in: Llama 3.2 has no built-in tools) and ends on an assistant
+turn: turns after the last assistant turn are cut, as nothing would learn from them.
 
 Whatever is left out is counted by reason, and the first of each reason is named by file:line
 (or ``file record N`` / ``file row N``, counted from 0), so nothing disappears silently;
@@ -28,6 +49,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +57,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data import oasst
-from data.chat import validate_messages
+from data.chat import check_chat, validate_messages
+from data.config import MESSAGES_FIELDS
 
-FORMATS = ("messages", "oasst_messages", "oasst_trees", "oasst_top1", "guanaco")
+FORMATS = (
+    "messages", "sharegpt", "alpaca", "prompt_completion", "oasst_messages", "oasst_trees", "oasst_top1",
+    "guanaco",
+)  # fmt: skip
 TREE_FORMATS = ("oasst_messages", "oasst_trees")
 _STRICT_FIX = "fix the record, or set data.strict=false to skip and count such records"
+# ShareGPT's roles (``from``), as LLaMA-Factory reads them (data/README.md: human, gpt, system,
+# function_call, observation) and axolotl's ``tool``; function_call is handled apart (_sharegpt_call).
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
     "system": "system",
+    "observation": "tool",
+    "tool": "tool",
 }
 _CHATML_TURN = re.compile(r"<\|im_start\|>([^\n]*)\n(.*?)<\|im_end\|>", re.DOTALL)
 _CHATML_ROLES = ("system", "user", "assistant")
@@ -94,6 +124,8 @@ class Conversations(ReadResult):
     and the first of each (``summary()``)."""
 
     conversations: list[list[dict]] = field(default_factory=list)
+    # one per conversation: the encoder options its record declares (``tools``, ``builtin_tools``), or {}
+    options: list[dict] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[list[dict]]:
         return iter(self.conversations)
@@ -109,8 +141,14 @@ def load_conversations(
     lang: Sequence[str] | None = None,
     threads: str = "best",
     strict: bool = False,
+    messages_field: str | None = None,
+    chat_format: str = "llama3.1",
 ) -> Conversations:
     """Read ``path`` in ``format`` into conversations, counting what is left out and why.
+
+    ``messages_field``: the key of the message list (``messages``, ``sharegpt``; None: their default).
+    ``chat_format``: the template the conversations will be encoded in (``data.chat.chat_format_of``);
+    a record the encoder would refuse in it (built-in tools under ``llama3.2``) is a bad record.
 
     ``lang`` (language codes, None for all) and ``threads`` apply to the OpenAssistant tree
     formats only: a tree's language is its root prompt's ``lang``; ``threads="best"`` gives one
@@ -119,13 +157,16 @@ def load_conversations(
     replies below it; "language filtered" and "no assistant turn" count trees.
     """
     path = Path(path)
-    languages = _checked_arguments(path, format, lang, threads)
+    languages = _checked_arguments(path, format, lang, threads, messages_field)
     result = Conversations(source=str(path))
     report = reporter(result, strict)
     if format in TREE_FORMATS:
         _add_tree_threads(path, format, result, report, languages, threads)
     else:
-        _add_records(path, _RECORD_PARSERS[format], result, report)
+        parse = _RECORD_PARSERS[format]
+        if format in MESSAGES_FIELDS:
+            parse = partial(parse, field=messages_field or MESSAGES_FIELDS[format])
+        _add_records(path, parse, result, report, chat_format)
     return result
 
 
@@ -140,17 +181,38 @@ def reporter(result: ReadResult, strict: bool) -> Report:
     return report
 
 
-def _checked_arguments(path: Path, format: str, lang: Sequence[str] | None, threads: str) -> set[str] | None:
-    """Fail before reading: unknown format or thread policy, tree settings on a flat format, no file."""
+def _checked_arguments(
+    path: Path, format: str, lang: Sequence[str] | None, threads: str, messages_field: str | None
+) -> set[str] | None:
+    """Fail before reading: unknown format or thread policy, tree settings on a flat format, a
+    ``messages_field`` on a format without a message list, no file."""
     if format not in FORMATS:
         raise DataError(
             "unknown format", f"{path}: unknown data format {format!r}; expected one of {', '.join(FORMATS)}"
         )
+    check_messages_field(format, messages_field)
     if threads not in oasst.THREAD_POLICIES:
         raise DataError("unknown threads", f"data.threads: {threads!r} is not one of best, all")
     return checked_source(
         path, format, lang, {"data.lang": lang is not None, "data.threads=all": threads != "best"}
     )
+
+
+def check_messages_field(format: str, messages_field: str | None) -> None:
+    """``data.messages_field`` names a key of formats that hold a message list, and only theirs."""
+    if messages_field is None:
+        return
+    if format not in MESSAGES_FIELDS:
+        raise DataError(
+            "invalid setting",
+            f"data.messages_field applies to formats {', '.join(MESSAGES_FIELDS)}, not {format!r}; remove it",
+        )
+    if not isinstance(messages_field, str) or not messages_field:
+        raise DataError(
+            "invalid setting",
+            f"data.messages_field: {messages_field!r} is no key; name the record's message list "
+            f"(null: {MESSAGES_FIELDS[format]!r})",
+        )
 
 
 def checked_source(
@@ -268,19 +330,25 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
             index += 1
 
 
-# ── one record, one conversation: messages, ChatML, guanaco ──────────────────────────
-def _add_records(path: Path, parse: Callable[[Any], list[dict]], result: Conversations, report: Report):
+# ── one record, one conversation: messages, ShareGPT, Alpaca, prompt/completion, ChatML, guanaco ──
+def _add_records(
+    path: Path, parse: Callable[[Any], list[dict]], result: Conversations, report: Report, chat_format: str
+):
     for where, record in read_records(path, report):
         try:
-            messages = _conversation(parse(record))
+            messages = parse(record)
+            options = _chat_options(record)
+            messages = _conversation(messages, options, chat_format)
         except DataError as error:
             report(where, error)
             continue
         result.conversations.append(messages)
+        result.options.append(options)
 
 
-def _conversation(messages: list[dict]) -> list[dict]:
-    """``messages`` checked by ``validate_messages`` and cut back to end on its last assistant turn."""
+def _conversation(messages: list[dict], options: dict, chat_format: str) -> list[dict]:
+    """``messages`` checked by ``validate_messages``, cut back to end on its last assistant turn, and
+    checked with its ``options`` as the encoder will encode them (``check_chat``)."""
     try:
         validate_messages(messages)
     except ValueError as error:
@@ -288,27 +356,179 @@ def _conversation(messages: list[dict]) -> list[dict]:
     last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
     if last is None:
         raise DataError("no assistant turn", "no assistant turn, so nothing to learn")
-    return messages[: last + 1]
-
-
-def _messages_record(record: Any) -> list[dict]:
-    if isinstance(record, dict) and isinstance(record.get("messages"), list):
-        raw_messages, role_key, content_key = record["messages"], "role", "content"
-    elif isinstance(record, dict) and isinstance(record.get("conversations"), list):
-        raw_messages, role_key, content_key = record["conversations"], "from", "value"
-    else:
-        raise DataError("no messages list", "no 'messages' (or ShareGPT 'conversations') list in the record")
-    messages = []
-    for index, message in enumerate(raw_messages):
-        if not isinstance(message, dict):
-            raise DataError(
-                "invalid message", f"message {index}: expected an object, got {type(message).__name__}"
-            )
-        role = message.get(role_key)
-        if role_key == "from" and isinstance(role, str):
-            role = _SHAREGPT_ROLES.get(role, role)
-        messages.append({"role": role, "content": message.get(content_key)})
+    messages = messages[: last + 1]
+    try:
+        check_chat(messages, chat_format=chat_format, **options)
+    except ValueError as error:  # the options: built-in tools under llama3.2, or tools the dialog cannot hold
+        builtin = "builtin_tools" in options and str(error).startswith("built-in tools")
+        raise DataError(
+            f"built-in tools under {chat_format}" if builtin else "invalid tools", str(error)
+        ) from None
     return messages
+
+
+def _chat_options(record: Any) -> dict:
+    """The encoder options a record declares: ``tools`` (JSON schemas, or a JSON string of their list) and
+    ``builtin_tools`` (names); absent or null ones are left out."""
+    options = {}
+    if not isinstance(record, dict):
+        return options
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise DataError("invalid tools", f"tools: malformed JSON string ({error.msg})") from None
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+            raise DataError("invalid tools", "tools: expected a list of JSON schemas (objects)")
+        options["tools"] = tools
+    builtin = record.get("builtin_tools")
+    if builtin is not None:
+        if not isinstance(builtin, list) or not all(isinstance(name, str) for name in builtin):
+            raise DataError("invalid tools", "builtin_tools: expected a list of tool names")
+        options["builtin_tools"] = builtin
+    return options
+
+
+def _message(index: int, message: Any, role_key: str = "role", content_key: str = "content") -> dict:
+    """One message as the encoder reads it: role, content, and ``tool_calls`` when it has some."""
+    if not isinstance(message, dict):
+        raise DataError(
+            "invalid message", f"message {index}: expected an object, got {type(message).__name__}"
+        )
+    result = {"role": message.get(role_key), "content": message.get(content_key)}
+    if message.get("tool_calls") is not None:
+        result["tool_calls"] = _tool_calls(index, message["tool_calls"])
+    return result
+
+
+def _tool_calls(index: int, tool_calls: Any) -> Any:
+    """``tool_calls`` with each call's ``arguments`` an object: a JSON string of one is decoded (OpenAI's
+    shape). The rest of a call's shape is ``validate_messages``'s to check."""
+    if not isinstance(tool_calls, list):
+        return tool_calls
+    calls = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            call = {**call, "function": {**function, "arguments": _arguments(index, function)}}
+        calls.append(call)
+    return calls
+
+
+def _arguments(index: int, function: dict) -> dict:
+    if "arguments" not in function:
+        raise DataError("invalid tool call", f"message {index}: the tool call has no arguments")
+    arguments = _decoded(index, function["arguments"], "tool call arguments are")
+    if not isinstance(arguments, dict):
+        raise DataError(
+            "invalid tool call",
+            f"message {index}: tool call arguments must be an object (or a JSON string of one), "
+            f"got {type(arguments).__name__}",
+        )
+    return arguments
+
+
+def _decoded(index: int, value: Any, what: str) -> Any:
+    """``value``, read as JSON when it is a string (as parquet and ShareGPT keep calls); malformed JSON is an
+    invalid tool call of message ``index``."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        detail = f"message {index}: {what} malformed JSON ({error.msg})"
+        raise DataError("invalid tool call", detail) from None
+
+
+def _message_list(record: Any, field: str) -> list | None:
+    value = record.get(field) if isinstance(record, dict) else None
+    return value if isinstance(value, list) else None
+
+
+def _messages_record(record: Any, field: str = "messages") -> list[dict]:
+    """TRL's conversational ``messages`` (under ``field``); ShareGPT ``conversations`` read as sharegpt."""
+    if (messages := _message_list(record, field)) is not None:
+        return [_message(index, message) for index, message in enumerate(messages)]
+    if field == "messages" and _message_list(record, "conversations") is not None:
+        return _sharegpt_record(record)
+    also = " (or ShareGPT 'conversations')" if field == "messages" else ""
+    raise DataError("no messages list", f"no {field!r}{also} list in the record")
+
+
+def _sharegpt_record(record: Any, field: str = "conversations") -> list[dict]:
+    """ShareGPT ``{from, value}`` turns (``_SHAREGPT_ROLES``), a ``function_call`` turn an assistant call."""
+    if (turns := _message_list(record, field)) is None:
+        raise DataError("no messages list", f"no ShareGPT {field!r} list in the record")
+    messages = []
+    for index, turn in enumerate(turns):
+        message = _message(index, turn, "from", "value")
+        if message["role"] == "function_call":
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": _sharegpt_call(index, message["content"]),
+            }
+        elif isinstance(message["role"], str):
+            message["role"] = _SHAREGPT_ROLES.get(message["role"], message["role"])
+        messages.append(message)
+    system = record.get("system")
+    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _sharegpt_call(index: int, value: Any) -> list[dict]:
+    """A ``function_call`` turn's value, JSON ``{"name", "arguments"}`` (or a list of one), as tool_calls."""
+    value = _decoded(index, value, "function_call is")
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise DataError(
+            "invalid tool call",
+            f'message {index}: a function_call is one JSON {{"name": ..., "arguments": {{...}}}}',
+        )
+    return [{"type": "function", "function": {"name": value["name"], "arguments": _arguments(index, value)}}]
+
+
+def _alpaca_record(record: Any) -> list[dict]:
+    """``instruction`` (+ a blank line + ``input``) → user, ``output`` → assistant; ``system``, history."""
+    if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+        raise DataError("no instruction", "no 'instruction' string in the record")
+    if not isinstance(record.get("output"), str):
+        raise DataError("no output", "no 'output' string in the record")
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError("invalid message", f"'input' must be a string, got {type(extra).__name__}")
+    messages = []
+    if isinstance(record.get("system"), str) and record["system"].strip():
+        messages.append({"role": "system", "content": record["system"]})
+    for index, pair in enumerate(record.get("history") or []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(text, str) for text in pair)):
+            raise DataError("invalid message", f"history {index}: expected [instruction, output] strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = record["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def _prompt_completion_record(record: Any) -> list[dict]:
+    """TRL's prompt-completion: each part a string (a user turn, an assistant turn) or a message list."""
+    if not isinstance(record, dict) or "prompt" not in record or "completion" not in record:
+        raise DataError("no prompt or completion", "no 'prompt' and 'completion' in the record")
+    parts = []
+    for name, role in (("prompt", "user"), ("completion", "assistant")):
+        part = record[name]
+        if isinstance(part, str):
+            parts.append([{"role": role, "content": part}])
+        elif isinstance(part, list):
+            parts.append(part)
+        else:
+            raise DataError("invalid message", f"{name}: expected a string or a list of messages")
+    prompt, completion = parts
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
+        raise DataError("no assistant turn", "the completion has no assistant turn, so nothing to learn")
+    return [_message(index, message) for index, message in enumerate(prompt + completion)]
 
 
 def _chatml_record(record: Any) -> list[dict]:
@@ -360,13 +580,22 @@ def _turn(role: str, content: str, index: int) -> dict:
     return {"role": role, "content": content.strip()}
 
 
-_RECORD_PARSERS = {"messages": _messages_record, "oasst_top1": _chatml_record, "guanaco": _guanaco_record}
+_RECORD_PARSERS = {
+    "messages": _messages_record,
+    "sharegpt": _sharegpt_record,
+    "alpaca": _alpaca_record,
+    "prompt_completion": _prompt_completion_record,
+    "oasst_top1": _chatml_record,
+    "guanaco": _guanaco_record,
+}
 
 
 # ── OpenAssistant trees: many records, many threads (data.oasst) ─────────────────────
 def _add_tree_threads(path: Path, format: str, result: Conversations, report: Report, languages, threads):
     roots, left_out = read_trees(path, format, result, report)
-    result.conversations += oasst.conversations(roots, languages, threads, left_out)
+    threads = oasst.conversations(roots, languages, threads, left_out)
+    result.conversations += threads
+    result.options += [{} for _ in threads]
 
 
 def read_trees(

@@ -48,7 +48,7 @@ OVERFLOW_POLICIES = ("truncate", "drop")
 OBJECTIVES = ("dpo", "kto")  # the preference objectives; sft trains on chats
 # Part of each prepared dataset's cache key: bumped whenever the readers, encode_chat or the rows written
 # here change (chats: ENCODER_VERSION; preference rows: PREFERENCE_VERSION), so stale caches are not reused.
-ENCODER_VERSION = "4"  # 4: the group column (data.held_out)
+ENCODER_VERSION = "5"  # 5: per-conversation tools/builtin_tools; 4: the group column (data.held_out)
 PREFERENCE_VERSION = "2"  # 2: the group column
 _CHUNK = 1024  # preference records encoded per batched call into the tokenizer
 
@@ -76,15 +76,22 @@ def encode_conversations(
     overflow: str = "truncate",
     num_proc: int = 1,
     groups: list[int] | None = None,
+    options: list[dict] | None = None,
 ) -> tuple[Dataset, PrepareSummary]:
     """Encode conversations into ``input_ids`` + ``assistant_masks``; cut or drop those over ``max_length``.
 
     A cut that would leave no assistant token to learn drops the conversation (counted),
     never keeps a row that only costs compute. ``groups`` (one per conversation, ``data.held_out``)
-    become a ``group`` column, for a held-out split of the rows kept.
+    become a ``group`` column, for a held-out split of the rows kept. ``options`` (one per conversation,
+    ``Conversations.options``) are what ``encode_chat`` takes besides the messages: ``tools``,
+    ``builtin_tools``; the encoder raises on a conversation it refuses, so check them first (the readers do).
     """
     check_settings(overflow)
-    texts = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    options = options if options is not None else [{}] * len(conversations)
+    texts = [
+        json.dumps({"messages": c, **o}, ensure_ascii=False)
+        for c, o in zip(conversations, options, strict=True)
+    ]
     # Our own fingerprint: datasets would otherwise pickle and hash the whole tokenizer.
     fingerprint = hashlib.sha256(f"{ENCODER_VERSION} {max_length} {overflow} {groups is not None}".encode())
     for text in texts:
@@ -120,10 +127,10 @@ def encode_conversations(
 
 def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) -> pa.Table:
     """Encode a batch of JSON conversations; returns Arrow columns built without per-token Python objects."""
-    dialogs = [json.loads(conversation) for conversation in batch.column("conversation").to_pylist()]
+    records = [json.loads(conversation) for conversation in batch.column("conversation").to_pylist()]
     ids_flat, masks_flat, offsets = [], [], [0]
     full_length, length, trainable, status = [], [], [], []
-    for encoded in encode_chats(dialogs, tokenizer):
+    for encoded in _encoded(records, tokenizer):
         ids, masks, verdict = encoded["input_ids"], encoded["assistant_masks"], "ok"
         if len(ids) > max_length:
             if overflow == "drop":
@@ -151,6 +158,22 @@ def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) ->
     if GROUP in batch.column_names:  # a returned table replaces the batch: carry the groups over
         columns[GROUP] = batch.column(GROUP)
     return pa.table(columns)
+
+
+def _encoded(records: list[dict], tokenizer) -> list[dict]:
+    """``encode_chats`` of each ``{"messages", **options}`` record, in order: records with the same options
+    (most often none) go through one batched call."""
+    by_options: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        options = {key: value for key, value in record.items() if key != "messages"}
+        # not sort_keys: a tool schema's key order is part of the tokens (the template's tojson keeps it)
+        by_options.setdefault(json.dumps(options, ensure_ascii=False), []).append(index)
+    encoded: list[dict] = [{}] * len(records)
+    for key, indices in by_options.items():
+        dialogs = [records[index]["messages"] for index in indices]
+        for index, result in zip(indices, encode_chats(dialogs, tokenizer, **json.loads(key)), strict=True):
+            encoded[index] = result
+    return encoded
 
 
 # ── the encoding processes die with the process that started them ────────────────────────

@@ -49,6 +49,22 @@ def test_every_experiment_composes(experiment):
     load_config(composed(f"+experiment={experiment}"))
 
 
+@pytest.mark.parametrize("data", [p.stem for p in (CONF / "data").glob("*.yaml")])
+def test_every_shipped_data_config_validates_for_the_stage_it_serves(data):
+    """Each format is one a stage trains on (train.config.STAGE_FORMATS): a new reader is wired end to end."""
+    stage = {"preference_sample": "dpo", "kto_sample": "kto"}.get(data, "sft")
+    config = load_config(composed(f"data={data}", f"stage={stage}"))
+    assert config.data.name == data
+
+
+def test_a_messages_field_on_a_format_without_a_message_list_is_refused():
+    with pytest.raises(ConfigError) as error:
+        load_config(composed("data=alpaca_sample", "data.messages_field=turns"))
+    assert "data.messages_field: applies to formats messages, sharegpt, not 'alpaca'; remove it" in str(
+        error.value
+    )
+
+
 def test_cross_field_problems_are_reported_together():
     cfg = composed("method.name=dora", "training.max_length=200000", "model.dtype=fp8")
     with pytest.raises(ConfigError) as error:

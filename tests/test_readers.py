@@ -1,5 +1,6 @@
 """Readers: messages/ShareGPT, OpenAssistant trees (flat and nested), ChatML and guanaco text;
-JSONL, JSON lists, gzip and parquet; bad records counted, named, or raised in strict mode."""
+JSONL, JSON lists, gzip and parquet; bad records counted, named, or raised in strict mode.
+(ShareGPT, Alpaca, prompt/completion and tool calling have their own file: test_schemas.)"""
 
 from __future__ import annotations
 
@@ -480,12 +481,13 @@ def test_every_shipped_sample_encodes_like_the_template(data, tokenizer):
     tree_format = data["format"] in ("oasst_messages", "oasst_trees")
     for threads in ("best", "all") if tree_format else ("best",):
         loaded = load_conversations(
-            data["path"], data["format"], lang=data.get("lang"), threads=threads, strict=True
-        )
-        assert len(loaded.conversations) >= 4
-        for conversation in loaded.conversations:
+            data["path"], data["format"], lang=data.get("lang"), threads=threads, strict=True,
+            messages_field=data.get("messages_field"),
+        )  # fmt: skip
+        assert len(loaded.conversations) == len(loaded.options) >= 4
+        for conversation, options in zip(loaded.conversations, loaded.options, strict=True):
             assert conversation[-1]["role"] == "assistant"
-            expected = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)[
-                "input_ids"
-            ]
-            assert encode_chat(conversation, tokenizer)["input_ids"] == expected
+            expected = tokenizer.apply_chat_template(
+                conversation, tokenize=True, return_dict=True, **options
+            )["input_ids"]
+            assert encode_chat(conversation, tokenizer, **options)["input_ids"] == expected

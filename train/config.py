@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from data.config import CHAT_FORMATS, DataConfig, sample_path
+from data.config import CHAT_FORMATS, MESSAGES_FIELDS, DataConfig, sample_path
 from train.run_dir import CONFIG_FILE, run_config
 
 METHODS = ("full", "lora", "qlora")
@@ -25,10 +25,11 @@ STAGES = ("sft", "dpo", "kto")
 # What each stage trains on (data.readers.FORMATS, data.preference.PREFERENCE_FORMATS): OpenAssistant trees
 # give chat threads to SFT and ranked reply pairs to DPO/KTO; KTO also takes pairs, unpaired as TRL does.
 STAGE_FORMATS = {
-    "sft": ("messages", "oasst_messages", "oasst_trees", "oasst_top1", "guanaco"),
+    "sft": ("messages", "sharegpt", "alpaca", "prompt_completion", "oasst_messages", "oasst_trees",
+            "oasst_top1", "guanaco"),
     "dpo": ("preference", "oasst_messages", "oasst_trees"),
     "kto": ("kto", "preference", "oasst_messages", "oasst_trees"),
-}
+}  # fmt: skip
 # Stage settings under TRL's DPOConfig / KTOConfig names, and the stages that have each.
 STAGE_SETTINGS = {
     "beta": ("dpo", "kto"),
@@ -372,6 +373,11 @@ def validate(config: Config) -> list[str]:
         )
     if config.data.threads not in ("best", "all"):
         problems.append(f"data.threads: {config.data.threads!r}; use best (one per tree) or all (every path)")
+    if config.data.messages_field is not None and config.data.format not in MESSAGES_FIELDS:
+        problems.append(
+            f"data.messages_field: applies to formats {', '.join(MESSAGES_FIELDS)}, not "
+            f"{config.data.format!r}; remove it"
+        )
     if config.data.overflow not in ("truncate", "drop"):
         problems.append(f"data.overflow: {config.data.overflow!r}; use truncate or drop")
     if config.launch.strategy not in STRATEGIES:
