@@ -206,6 +206,7 @@ def test_the_planner_counts_what_peft_trains(run):
         assert adapter_parameters(config.model, config.method) == trained
 
 
+@pytest.mark.slow
 def test_dora_keeps_two_outputs_per_token_and_with_dropout_the_dequantized_weight(tokenizer):
     """What DoRA's forward keeps for the backward beyond LoRA's, measured with autograd's saved-tensor hooks
     on one adapted q_proj of the tiny model (fp32 on CPU), against the planner's activations

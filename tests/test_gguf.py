@@ -134,6 +134,7 @@ def test_gguf_export_refuses_a_run_without_weights(tmp_path, capsys, no_weights_
     assert not (run_dir / "gguf").exists()
 
 
+@pytest.mark.slow
 def test_gguf_export_merges_once_and_again_when_the_adapter_is_newer(lora_run, lora_gguf, tmp_path):
     merged = lora_run / "merged" / "model.safetensors"
     written = merged.stat().st_mtime_ns
@@ -146,6 +147,7 @@ def test_gguf_export_merges_once_and_again_when_the_adapter_is_newer(lora_run, l
     assert merged.stat().st_mtime_ns > written  # merged again, from the newer adapter
 
 
+@pytest.mark.slow
 def test_gguf_writer_holds_one_converted_tensor_at_a_time(lora_run, tmp_path, monkeypatch):
     """Streaming: each tensor's float32 copy and its converted array are gone before the next is read."""
     held = []
@@ -262,6 +264,7 @@ def test_q_and_k_rows_are_permuted_as_transformers_loader_undoes():
         assert np.array_equal(restored, weight.numpy())
 
 
+@pytest.mark.slow
 def test_tied_embeddings_write_no_output_head(tied_run):
     values, types = metadata(tied_run / "gguf" / "model-f16.gguf")
     assert "output.weight" not in types and "token_embd.weight" in types

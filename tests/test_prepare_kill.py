@@ -179,6 +179,7 @@ def killed(event: str, condition: str, run: str) -> subprocess.CompletedProcess:
     ],
     ids=["before-the-summary", "before-the-rename"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_a_prepared_dataset_killed_while_saved_is_prepared_again(
     tmp_path, tokenizer, caplog, event, condition, written
 ):
@@ -200,6 +201,7 @@ def test_a_prepared_dataset_killed_while_saved_is_prepared_again(
     assert dataset["input_ids"] == fresh["input_ids"] and summary.path == str(target)
 
 
+@pytest.mark.slow
 def test_a_tokenizer_killed_before_its_rename_is_converted_again(tmp_path, tokenizer, caplog):
     cache = tmp_path / "tokenizer"
     run = f"from data import load_tokenizer\nload_tokenizer(cache_dir={str(cache)!r})"
