@@ -18,7 +18,7 @@ import importlib
 # runs prepare.py as __main__ after importing this package (runpy warns when the package imported it).
 _PUBLIC = {
     "Conversations": "data.readers",
-    "DataError": "data.readers",
+    "DataError": "data.sources",
     "load_conversations": "data.readers",
     "encode_chat": "data.chat",
     "validate_messages": "data.chat",

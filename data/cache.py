@@ -9,11 +9,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,17 +124,38 @@ def source_sha256(path: Path, cache: Path) -> str:
     return digest.hexdigest()
 
 
+def sources_sha256(files: Sequence[Path], cache: Path) -> str:
+    """The key of a source of several files (shards, a saved dataset's files): each file's name and
+    ``source_sha256``, in order, hashed together. One file keys as ``source_sha256`` alone, as it did
+    before sources could have several."""
+    if len(files) == 1:
+        return source_sha256(files[0], cache)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\t{source_sha256(file, cache)}\n".encode())
+    return digest.hexdigest()
+
+
 def cache_entry(
-    path: Path, tokenizer, settings: dict, cache: str | os.PathLike | None = None, *, kind: str = ""
+    path: Path | Sequence[Path],
+    tokenizer,
+    settings: dict,
+    cache: str | os.PathLike | None = None,
+    *,
+    kind: str = "",
+    name: str | None = None,
 ) -> Path:
-    """Where a source prepared with ``settings`` is cached: ``<cache>/<file stem>[-kind]-<key>``, the key a
-    hash of the source's bytes (hashed once per file version, ``source_sha256``), the tokenizer and the
-    settings. ``cache`` None: ``cache_dir("datasets")``."""
+    """Where a source prepared with ``settings`` is cached: ``<cache>/<name>[-kind]-<key>``, the key a hash
+    of the source's bytes (hashed once per file version, ``source_sha256``; every file of a source of
+    several, ``sources_sha256``), the tokenizer and the settings. ``name`` None: the (first) file's stem.
+    ``cache`` None: ``cache_dir("datasets")``."""
     cache = Path(cache or cache_dir("datasets"))
-    key = hashlib.sha256(source_sha256(path, cache).encode())
+    files = [path] if isinstance(path, Path) else list(path)
+    key = hashlib.sha256(sources_sha256(files, cache).encode())
     key.update(tokenizer_fingerprint(tokenizer).encode())
     key.update(json.dumps(settings, sort_keys=True).encode())
-    return cache / "-".join([path.name.split(".")[0], *([kind] if kind else []), key.hexdigest()[:16]])
+    name = re.sub(r"[^\w.-]+", "_", name or files[0].name.split(".")[0])
+    return cache / "-".join([name, *([kind] if kind else []), key.hexdigest()[:16]])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -14,7 +14,7 @@ import random
 
 from datasets import Dataset
 
-from data.readers import DataError
+from data.sources import DataError
 
 GROUP = "group"  # the column prepare adds to a cached dataset: the group of each row
 
@@ -47,18 +47,26 @@ def split(dataset: Dataset, eval_split: float, seed: int, source: str) -> tuple[
     and a line for the summary. Groups are drawn with ``random.Random(seed)`` from their sorted ids, so the
     split depends on the source and the seed only, not on row order or the process."""
     groups = dataset[GROUP]
+    held = held_out_groups(groups, eval_split, seed, source)
+    trained, evaluated = split_by_groups(dataset, held)
+    line = (
+        f"held out for evaluation: {len(evaluated)} of {len(groups)} rows, {len(held)} of {len(set(groups))} "
+        f"groups (data.eval_split={eval_split:g}, seed {seed})"
+    )
+    return trained.remove_columns(GROUP), evaluated.remove_columns(GROUP), line
+
+
+def held_out_groups(groups: list[int], eval_split: float, seed: int, source: str) -> set[int]:
+    """The groups of ``groups`` (one per row) that ``eval_split`` holds out with ``seed`` (see ``split``)."""
     ids = sorted(set(groups))
     count = held_out_count(eval_split, len(ids), source)
     random.Random(seed).shuffle(ids)
-    held = set(ids[:count])
-    evaluated = [row for row, group in enumerate(groups) if group in held]
+    return set(ids[:count])
+
+
+def split_by_groups(dataset: Dataset, held: set[int]) -> tuple[Dataset, Dataset]:
+    """``dataset``'s rows whose group is not in ``held``, and those whose group is; the column kept."""
+    groups = dataset[GROUP]
     trained = [row for row, group in enumerate(groups) if group not in held]
-    line = (
-        f"held out for evaluation: {len(evaluated)} of {len(groups)} rows, {count} of {len(ids)} groups "
-        f"(data.eval_split={eval_split:g}, seed {seed})"
-    )
-    return (
-        dataset.select(trained).remove_columns(GROUP),
-        dataset.select(evaluated).remove_columns(GROUP),
-        line,
-    )
+    evaluated = [row for row, group in enumerate(groups) if group in held]
+    return dataset.select(trained), dataset.select(evaluated)

@@ -29,16 +29,8 @@ from typing import Any
 
 from data import oasst
 from data.chat import validate_messages
-from data.readers import (
-    TREE_FORMATS,
-    DataError,
-    ReadResult,
-    Report,
-    checked_source,
-    read_records,
-    read_trees,
-    reporter,
-)
+from data.readers import TREE_FORMATS, ReadResult, checked_source, read_trees, reporter
+from data.sources import DataError, Report, read_records
 
 PREFERENCE_FORMATS = ("preference", "kto", *TREE_FORMATS)
 PAIR_FIELDS = ("prompt", "chosen", "rejected")

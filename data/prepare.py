@@ -7,7 +7,9 @@ Each objective goes the same way, top to bottom: check the settings; name the ca
 source's bytes, the tokenizer and the settings: ``data.cache``); if it is there, load it; else read the
 source into records (``data.readers``: chats; ``data.preference``: pairs or labelled completions), encode
 them into rows (``data.rows``), and save rows and summary (``data.summary``) in the entry, so a second run
-(or every rank of a multi-GPU job) loads them at once.
+(or every rank of a multi-GPU job) loads them at once. A mixture (``data.sources``) prepares each source
+that way, then chooses rows of the cached datasets by weight (``prepare_mixture``): no source is encoded
+again for a new weight.
 
 The command composes the same config tree as ``python -m train`` (``data.config``), so the cache it fills
 is the one training reads.
@@ -17,18 +19,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
 import sys
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from fractions import Fraction
 from pathlib import Path
 
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from data import held_out
 from data.cache import atomic_directory, cache_entry
 from data.chat import chat_format_of
+from data.config import SourceConfig, share, source_problems, sources_of
 from data.preference import load_preferences, unpaired
-from data.readers import DataError, ReadResult, check_messages_field, checked_file, load_conversations
+from data.readers import ReadResult, check_messages_field, load_conversations
 from data.rows import (
     ENCODER_VERSION,
     PREFERENCE_VERSION,
@@ -36,7 +43,8 @@ from data.rows import (
     encode_conversations,
     encode_preference_records,
 )
-from data.summary import PreferenceSummary, PrepareSummary
+from data.sources import DataError, locate_source
+from data.summary import MixtureSummary, PreferenceSummary, PrepareSummary, SourceShare
 
 SUMMARY_FILE = "summary.json"
 
@@ -48,38 +56,54 @@ def prepare_from_config(data, tokenizer, *, max_length: int, objective: str = "s
     the summary, for a ``data`` config node (``data.config.DataConfig``): chats for ``objective="sft"``
     (``prepare_dataset``), preference rows for ``dpo``/``kto`` (``prepare_preferences``). Held-out rows are
     split by conversation group with ``seed`` (``data.held_out``); an ``eval_path`` is prepared as the
-    training source is, in its own format (``eval_format``, default ``format``), and cached the same way."""
-    check_messages_field(data.format, data.messages_field)
-    if data.eval_split and data.eval_path:
+    training source is, in its own format (``eval_format``, default ``format``), and cached the same way.
+    ``data.sources``: a mixture (``prepare_mixture``)."""
+    if problems := source_problems(data):
+        raise DataError("invalid sources", "; ".join(problems))
+    for _, source in sources_of(data):
+        check_messages_field(source.format, source.messages_field)
+    held_out_by_source = any(source.eval_split for _, source in sources_of(data))
+    if held_out_by_source and data.eval_path:
         raise DataError(
             "two eval sets",
             "data.eval_split and data.eval_path are both set: hold out a part, or name a file",
         )
-
-    def prepared(path, format, with_groups=False):
-        if objective == "sft":
-            return prepare_dataset(
-                path, format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
-                threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
-                with_groups=with_groups, messages_field=data.messages_field,
-            )  # fmt: skip
-        return prepare_preferences(
-            path, format, tokenizer, objective=objective, max_length=max_length,
-            overflow=data.overflow, lang=data.lang, pairs_per_prompt=data.pairs_per_prompt,
-            min_rank_gap=data.min_rank_gap, strict=data.strict, cache_dir=data.cache_dir,
-            with_groups=with_groups,
-        )  # fmt: skip
-
+    if data.eval_path and not (data.eval_format or data.format):
+        raise DataError("invalid setting", "data.eval_format: name the format of data.eval_path")
+    if data.sources:
+        dataset, evaluated, summary = prepare_mixture(
+            data, tokenizer, max_length=max_length, objective=objective, seed=seed
+        )
+    else:
+        dataset, summary = _prepared(
+            data, tokenizer, max_length, objective, with_groups=bool(data.eval_split)
+        )
+        evaluated = None
+        if data.eval_split:
+            dataset, evaluated, summary.held_out = held_out.split(
+                dataset, data.eval_split, seed, str(data.path)
+            )
     if data.eval_path:
-        evaluated, eval_summary = prepared(data.eval_path, data.eval_format or data.format)
-        dataset, summary = prepared(data.path, data.format)
+        eval_data = replace(data, path=data.eval_path, format=data.eval_format or data.format, sources=[])
+        evaluated, eval_summary = _prepared(eval_data, tokenizer, max_length, objective)
         summary.held_out = f"evaluation: {eval_summary.source}, {len(evaluated)} rows"
-        return dataset, evaluated, summary
-    dataset, summary = prepared(data.path, data.format, with_groups=bool(data.eval_split))
-    if not data.eval_split:
-        return dataset, None, summary
-    dataset, evaluated, summary.held_out = held_out.split(dataset, data.eval_split, seed, str(data.path))
     return dataset, evaluated, summary
+
+
+def _prepared(data, tokenizer, max_length: int, objective: str, with_groups: bool = False):
+    """``prepare_dataset`` or ``prepare_preferences`` of ``data.path`` with ``data``'s settings."""
+    if objective == "sft":
+        return prepare_dataset(
+            data.path, data.format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,
+            threads=data.threads, strict=data.strict, num_proc=data.num_proc, cache_dir=data.cache_dir,
+            with_groups=with_groups, messages_field=data.messages_field,
+        )  # fmt: skip
+    return prepare_preferences(
+        data.path, data.format, tokenizer, objective=objective, max_length=max_length,
+        overflow=data.overflow, lang=data.lang, pairs_per_prompt=data.pairs_per_prompt,
+        min_rank_gap=data.min_rank_gap, strict=data.strict, cache_dir=data.cache_dir,
+        with_groups=with_groups,
+    )  # fmt: skip
 
 
 def prepare_dataset(
@@ -106,8 +130,8 @@ def prepare_dataset(
         "overflow": overflow, "encoder": ENCODER_VERSION,
         **({"messages_field": messages_field} if messages_field is not None else {}),
     }  # fmt: skip
-    checked_file(Path(path))
-    target = cache_entry(Path(path), tokenizer, settings, cache_dir)
+    located = locate_source(path)
+    target = cache_entry(located.files, tokenizer, settings, cache_dir, name=located.name)
     if not (cached := _from_cache(target, PrepareSummary, path)):
         source = load_conversations(
             path, format, lang=lang, threads=threads, strict=strict, messages_field=messages_field,
@@ -154,8 +178,8 @@ def prepare_preferences(
         "min_rank_gap": min_rank_gap, "strict": strict, "max_length": max_length, "overflow": overflow,
         "version": PREFERENCE_VERSION,
     }  # fmt: skip
-    checked_file(Path(path))
-    target = cache_entry(Path(path), tokenizer, settings, cache_dir, kind=objective)
+    located = locate_source(path)
+    target = cache_entry(located.files, tokenizer, settings, cache_dir, kind=objective, name=located.name)
     if not (cached := _from_cache(target, PreferenceSummary, path)):
         source = load_preferences(
             path,
@@ -208,6 +232,110 @@ def _saved(
         dataset.save_to_disk(str(scratch))
         (scratch / SUMMARY_FILE).write_text(json.dumps(asdict(summary), ensure_ascii=False, indent=1))
     return dataset, summary
+
+
+# ── mixtures: each source prepared (and cached) alone, then a seeded choice of its rows ──────
+def prepare_mixture(data, tokenizer, *, max_length: int, objective: str = "sft", seed: int = 0):
+    """The mixture of ``data.sources``: training rows, evaluation rows (None when no source holds any out)
+    and a ``MixtureSummary``.
+
+    Each source is prepared exactly as a single ``data.path`` (its own cache entry, keyed by its bytes and
+    settings), so a new weight only chooses rows again. Then, in order: each source's ``eval_split`` picks
+    its held-out groups (``data.held_out``, with ``seed``); a row of any source whose group is held out by
+    any source goes to evaluation, so no evaluated conversation is trained on; the rows left are each
+    source's available rows, and ``mixture_counts`` says how many each gives; ``rows_taken`` draws them with
+    a generator seeded by ``seed`` and the source's cache entry (its content and settings), so the choice
+    is the same on every rank and restart, whatever the order of the list. The mixture is the sources'
+    rows in list order (the trainer shuffles)."""
+    configs = [source for _, source in sources_of(data)]
+    prepared = [_prepared(source, tokenizer, max_length, objective, with_groups=True) for source in configs]
+    held: set[int] = set()
+    for source, (dataset, _) in zip(configs, prepared, strict=True):
+        if source.eval_split:
+            held |= held_out.held_out_groups(dataset[held_out.GROUP], source.eval_split, seed, source.path)
+    parts = [held_out.split_by_groups(dataset, held) for dataset, _ in prepared]
+    counts = mixture_counts(data.sources, [len(trained) for trained, _ in parts])
+    chosen, shares = [], []
+    for source, (trained, evaluated), (dataset, summary), count in zip(
+        data.sources, parts, prepared, counts, strict=True
+    ):
+        indices, passes = rows_taken(len(trained), count, random.Random(f"{seed} {Path(summary.path).name}"))
+        chosen.append(trained.select(indices))
+        kept, dropped = len(dataset), sum(summary.dropped.values())
+        read = kept + dropped
+        shares.append(
+            SourceShare(source.path, _weight(source), read, dropped, kept, len(evaluated), count, passes)
+        )
+    mixed = concatenate_datasets(chosen).remove_columns(held_out.GROUP)
+    summary = MixtureSummary(shares, [summary for _, summary in prepared], seed)
+    if not held:
+        return mixed, None, summary
+    evaluated = concatenate_datasets([evaluated for _, evaluated in parts]).remove_columns(held_out.GROUP)
+    summary.held_out = (
+        f"held out for evaluation: {len(evaluated)} rows, {len(held)} conversation groups (each source's "
+        f"eval_split, seed {seed})"
+    )
+    return mixed, evaluated, summary
+
+
+def mixture_counts(sources: Sequence[SourceConfig], available: Sequence[int]) -> list[int]:
+    """How many rows each source gives a mixture, from its weight and its ``available`` training rows: the
+    exact rule is ``data.config.SourceConfig``'s. Raises naming the source when one is asked for more rows
+    than it has without ``repeat``."""
+    counts = [source.rows if source.rows is not None else available[i] for i, source in enumerate(sources)]
+    fractions = {i: share(source) for i, source in enumerate(sources) if source.fraction is not None}
+    if fractions:
+        fixed = sum(count for i, count in enumerate(counts) if i not in fractions)
+        total = sum(fractions.values())
+        if len(fractions) < len(sources):
+            size = math.floor(Fraction(fixed) / (1 - total) + Fraction(1, 2))
+        else:
+            limits = [i for i in fractions if not sources[i].repeat] or list(fractions)
+            size = min(math.floor(available[i] * total / fractions[i]) for i in limits)
+        for i, count in _apportioned(size - fixed, fractions).items():
+            counts[i] = count
+    for i, (source, count) in enumerate(zip(sources, counts, strict=True)):
+        if count > available[i] and not (source.repeat and available[i]):
+            weight = f"rows {source.rows}" if source.rows is not None else f"fraction {source.fraction:g}"
+            fix = (
+                "lower it, or set repeat: true to take its rows more than once"
+                if available[i]
+                else "give it data"
+            )
+            raise DataError(
+                "too few rows",
+                f"data.sources[{i}] ({source.path}): {weight} asks for {count} rows, but it has "
+                f"{available[i]} training rows (after drops and held-out rows); {fix}",
+            )
+    if not sum(counts):
+        raise DataError("too few rows", "data.sources: the mixture has no rows; give its sources data")
+    return counts
+
+
+def _apportioned(rows: int, fractions: dict[int, Fraction]) -> dict[int, int]:
+    """``rows`` split in proportion to ``fractions``: each its whole quota, then one more to the largest
+    remainders (ties: the earlier source), so the counts sum to ``rows`` exactly."""
+    total = sum(fractions.values())
+    quotas = {i: rows * fraction / total for i, fraction in fractions.items()}
+    counts = {i: math.floor(quota) for i, quota in quotas.items()}
+    by_remainder = sorted(quotas, key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[: rows - sum(counts.values())]:
+        counts[i] += 1
+    return counts
+
+
+def rows_taken(available: int, count: int, generator: random.Random) -> tuple[list[int], int]:
+    """``count`` row indices of ``available``, and the whole passes over them: a sample without
+    replacement, in ascending order; asked for more rows than there are (``repeat``), every row as many
+    times as fits first (the passes), then a sample of the rest."""
+    passes, rest = divmod(count, available) if count > available else (0, count)
+    return [*range(available)] * passes + sorted(generator.sample(range(available), rest)), passes
+
+
+def _weight(source: SourceConfig) -> str:
+    if source.fraction is not None:
+        return f"fraction {source.fraction:g}" + (", repeat" if source.repeat else "")
+    return f"rows {source.rows}" + (", repeat" if source.repeat else "") if source.rows is not None else "all"
 
 
 # ── python -m data.prepare ─────────────────────────────────────────────────────────────

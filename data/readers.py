@@ -30,9 +30,12 @@ template's variable), so a call to one renders as ``<|python_tag|>name.call(...)
 reach ``encode_chat`` through ``Conversations.options``.
 
 Files: JSON lines, a JSON list of records (the file starts with ``[``), either gzipped (``.gz``),
-or ``.parquet``. Every conversation returned passes the encoder's checks (``data.chat.check_chat``, for
-the ``chat_format`` it will be encoded in: Llama 3.2 has no built-in tools) and ends on an assistant
-turn: turns after the last assistant turn are cut, as nothing would learn from them.
+or ``.parquet``. A source (``locate_source``) is one such file, a directory or glob of them (shards, read
+in sorted order), a ``datasets`` ``save_to_disk`` directory, or ``hf:<name>[:<split>]``, a dataset in the
+local Hugging Face datasets cache, read offline. Every conversation returned passes the encoder's checks
+(``data.chat.check_chat``, for the ``chat_format`` it will be encoded in: Llama 3.2 has no built-in
+tools) and ends on an assistant turn: turns after the last assistant turn are cut, as nothing would
+learn from them.
 
 Whatever is left out is counted by reason, and the first of each reason is named by file:line
 (or ``file record N`` / ``file row N``, counted from 0), so nothing disappears silently;
@@ -43,7 +46,6 @@ and trees with no assistant reply.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections import Counter
@@ -53,12 +55,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from data import oasst
 from data.chat import check_chat, validate_messages
 from data.config import MESSAGES_FIELDS
+from data.sources import DataError, Report, locate_source, read_records
 
 FORMATS = (
     "messages", "sharegpt", "alpaca", "prompt_completion", "oasst_messages", "oasst_trees", "oasst_top1",
@@ -81,17 +81,6 @@ _CHATML_TURN = re.compile(r"<\|im_start\|>([^\n]*)\n(.*?)<\|im_end\|>", re.DOTAL
 _CHATML_ROLES = ("system", "user", "assistant")
 _GUANACO_MARKER = re.compile(r"### (Human|Assistant):")
 _GUANACO_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-class DataError(ValueError):
-    """A record or file that cannot be used; the message names file, line and fix."""
-
-    def __init__(self, reason: str, detail: str | None = None):
-        super().__init__(detail or reason)
-        self.reason, self.detail = reason, detail or reason
-
-
-Report = Callable[[str, DataError], None]
 
 
 @dataclass(kw_only=True)
@@ -238,8 +227,8 @@ def _check_tree_settings(format: str, given: dict[str, bool]) -> None:
 
 
 def checked_file(path: Path) -> None:
-    if not path.is_file():
-        raise DataError("missing file", f"{path}: no such file; set data.path to a local file")
+    """Raise, naming what was looked for, unless ``path`` locates a source (``locate_source``)."""
+    locate_source(path)
 
 
 def _checked_languages(lang: str | Sequence[str] | None) -> set[str] | None:
@@ -252,82 +241,6 @@ def _checked_languages(lang: str | Sequence[str] | None) -> set[str] | None:
             "empty lang", "data.lang is empty, which keeps nothing; use null to keep every language"
         )
     return languages
-
-
-# ── files → records ─────────────────────────────────────────────────────────────────
-def read_records(path: Path, report: Report) -> Iterator[tuple[str, Any]]:
-    """Each record of ``path`` with where it is; JSON lines that cannot be decoded are reported.
-
-    A JSON list or parquet file that cannot be decoded at all raises, whatever ``strict`` says.
-    """
-    if path.suffix == ".parquet":
-        yield from _parquet_rows(path)
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
-    if _is_json_list(path, opener):
-        yield from _json_list(path, opener)
-        return
-    with opener(path, "rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = _json_value(raw.rstrip(b"\r\n"))
-            except DataError as error:
-                report(f"{path}:{number}", error)
-                continue
-            yield f"{path}:{number}", record
-
-
-def _json_value(raw: bytes) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise DataError("not UTF-8", f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise DataError("malformed JSON", f"malformed JSON ({error.msg}, column {error.colno})") from None
-
-
-def _is_json_list(path: Path, opener) -> bool:
-    try:
-        with opener(path, "rb") as file:
-            while chunk := file.read(1 << 12):
-                if start := chunk.lstrip():
-                    return start.startswith(b"[")
-    except gzip.BadGzipFile:
-        raise DataError(
-            "not gzip", f"{path}: not a gzip file; remove the .gz suffix or compress it"
-        ) from None
-    return False
-
-
-def _json_list(path: Path, opener) -> Iterator[tuple[str, Any]]:
-    with opener(path, "rb") as file:
-        raw = file.read()
-    try:
-        records = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        detail = (
-            f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-encode the file as UTF-8"
-        )
-        raise DataError("not UTF-8", detail) from None
-    except json.JSONDecodeError as error:
-        detail = f"{path}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno}); fix the file"
-        raise DataError("malformed JSON", detail) from None
-    for index, record in enumerate(records):
-        yield f"{path} record {index}", record
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        batches = pq.ParquetFile(path).iter_batches()
-    except pa.ArrowException as error:
-        raise DataError("not parquet", f"{path}: not a readable parquet file ({error})") from None
-    index = 0
-    for batch in batches:
-        for row in batch.to_pylist():
-            yield f"{path} row {index}", row
-            index += 1
 
 
 # ── one record, one conversation: messages, ShareGPT, Alpaca, prompt/completion, ChatML, guanaco ──

@@ -41,7 +41,7 @@ from datasets import Dataset
 
 from data.chat import encode_chats
 from data.held_out import GROUP
-from data.readers import DataError
+from data.sources import DataError
 from data.summary import PreferenceSummary, PrepareSummary, length_histogram
 
 OVERFLOW_POLICIES = ("truncate", "drop")

@@ -91,3 +91,50 @@ def length_histogram(lengths: list[int], max_length: int) -> dict[str, int]:
         counts[f"≤{upper}" if upper else f">{max_length}"] += 1
     order = [f"≤{b}" for b in bounds] + [f">{max_length}"]
     return {bucket: counts[bucket] for bucket in order if counts[bucket]}
+
+
+@dataclass
+class SourceShare:
+    """One source's part of a mixture (``data.sources``), in rows."""
+
+    source: str
+    weight: str  # "fraction 0.3", "rows 500", "all": what the config asked
+    read: int  # what preparing it gave: kept + dropped (by the reader or the encoder)
+    dropped: int
+    kept: int
+    held_out: int  # kept rows whose group is held out for evaluation (by this source or another)
+    taken: int  # rows of the mixture from it
+    passes: int = 0  # with repeat: whole passes over its training rows before the last, sampled, part
+
+    def __str__(self) -> str:
+        available = self.kept - self.held_out
+        repeats = (
+            f" ({self.passes} whole passes + {self.taken - self.passes * available})" if self.passes else ""
+        )
+        return (
+            f"{self.source} ({self.weight}): {self.read} read, {self.dropped} dropped, {self.kept} kept, "
+            f"{self.held_out} held out, {self.taken} taken{repeats}"
+        )
+
+
+@dataclass
+class MixtureSummary:
+    """What prepare made of a mixture: each source's share, and each source's own summary."""
+
+    shares: list[SourceShare]
+    sources: list[PrepareSummary | PreferenceSummary]
+    seed: int
+    held_out: str = ""  # the evaluation rows: one line
+
+    @property
+    def rows(self) -> int:
+        return sum(share.taken for share in self.shares)
+
+    def __str__(self) -> str:
+        lines = [f"mixture of {len(self.shares)} sources: {self.rows} training rows (seed {self.seed})"]
+        lines += [f"  {share}" for share in self.shares]
+        if self.held_out:
+            lines.append(f"  {self.held_out}")
+        for summary in self.sources:
+            lines += ["  " + line for line in str(summary).splitlines()]
+        return "\n".join(lines)

@@ -17,7 +17,15 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from data.config import CHAT_FORMATS, MESSAGES_FIELDS, DataConfig, sample_path
+from data.config import (
+    CHAT_FORMATS,
+    MESSAGES_FIELDS,
+    DataConfig,
+    sample_path,
+    source_exists,
+    source_problems,
+    sources_of,
+)
 from train.run_dir import CONFIG_FILE, run_config
 
 METHODS = ("full", "lora", "qlora")
@@ -367,17 +375,25 @@ def validate(config: Config) -> list[str]:
             f"model.path: no *.safetensors weights in {model.path}; weights load as safetensors only "
             "(pickle files can run code): convert them, e.g. with transformers' save_pretrained"
         )
-    if not Path(config.data.path).is_file():
-        problems.append(
-            f"data.path: {config.data.path} is not a file; point it at a local {config.data.format} file"
-        )
-    if config.data.threads not in ("best", "all"):
-        problems.append(f"data.threads: {config.data.threads!r}; use best (one per tree) or all (every path)")
-    if config.data.messages_field is not None and config.data.format not in MESSAGES_FIELDS:
-        problems.append(
-            f"data.messages_field: applies to formats {', '.join(MESSAGES_FIELDS)}, not "
-            f"{config.data.format!r}; remove it"
-        )
+    problems += source_problems(config.data)
+    for key, data in sources_of(config.data):
+        if data.path is not None and not source_exists(data.path):
+            problems.append(
+                f"{key}.path: {data.path} is not a file, a directory, a glob that matches or "
+                f"hf:<name>[:<split>]; point it at local {data.format} data (nothing is downloaded)"
+            )
+        if key != "data" and data.eval_split and not config.data.eval_split:
+            problems.append(
+                f"{key}.eval_split: the run evaluates only with data.eval_split set; set data.eval_split "
+                "(each source's default; eval_split: 0 on a source holds nothing out)"
+            )
+        if data.threads not in ("best", "all"):
+            problems.append(f"{key}.threads: {data.threads!r}; use best (one per tree) or all (every path)")
+        if data.messages_field is not None and data.format not in MESSAGES_FIELDS:
+            problems.append(
+                f"{key}.messages_field: applies to formats {', '.join(MESSAGES_FIELDS)}, not "
+                f"{data.format!r}; remove it"
+            )
     if config.data.overflow not in ("truncate", "drop"):
         problems.append(f"data.overflow: {config.data.overflow!r}; use truncate or drop")
     if config.launch.strategy not in STRATEGIES:
@@ -463,8 +479,9 @@ def _stage_problems(config: Config) -> list[str]:
     if stage.name not in STAGES:
         return [f"stage.name: {stage.name!r} is not one of {', '.join(STAGES)}"]
     problems = switch_problems(training, stage.name)
-    if data.format not in STAGE_FORMATS[stage.name]:
-        problems.append(_format_problem(stage.name, data))
+    for key, source in sources_of(data):
+        if source.format is not None and source.format not in STAGE_FORMATS[stage.name]:
+            problems.append(_format_problem(stage.name, source, key))
     if stage.name == "sft":
         mined = {
             "data.pairs_per_prompt": data.pairs_per_prompt is not None,
@@ -476,10 +493,11 @@ def _stage_problems(config: Config) -> list[str]:
             if is_set
         ]
     else:
-        if data.threads != "best":
-            problems.append(
-                f"data.threads: stage={stage.name} mines pairs at every prompt of a tree; remove it"
-            )
+        problems += [
+            f"{key}.threads: stage={stage.name} mines pairs at every prompt of a tree; remove it"
+            for key, source in sources_of(data)
+            if source.threads != "best"
+        ]
     for key, stages in STAGE_SETTINGS.items():
         value = getattr(stage, key)
         if value is not None and stage.name not in stages:
@@ -506,14 +524,14 @@ def _stage_problems(config: Config) -> list[str]:
     return problems
 
 
-def _format_problem(stage: str, data: DataConfig) -> str:
-    """Why ``stage`` cannot train on ``data``, and what would."""
+def _format_problem(stage: str, data: DataConfig, key: str = "data") -> str:
+    """Why ``stage`` cannot train on ``data`` (the source ``key`` names), and what would."""
     format = data.format
     holds = {"preference": "preference pairs", "kto": "labelled completions (KTO)"}.get(format, "chats")
     other = next((name for name in STAGES if format in STAGE_FORMATS[name]), None)
     fix = f"use such data, or stage={other}" if other else f"use one of {', '.join(STAGE_FORMATS[stage])}"
     return (
-        f"data.format: data={data.name} is {format!r}, which holds {holds}, but stage={stage} trains on "
+        f"{key}.format: data={data.name} is {format!r}, which holds {holds}, but stage={stage} trains on "
         f"{_STAGE_DATA[stage]}; {fix}"
     )
 
