@@ -31,6 +31,12 @@ def generate(count: int, seed: int = 0) -> list[list[dict]]:
     Messages are recombined sentence by sentence, so almost every text is unique, as in real
     data: neither side can win from tokenizing repeated strings.
     """
+    conversation = conversation_maker(seed)
+    return [conversation() for _ in range(count)]
+
+
+def conversation_maker(seed: int = 0):
+    """A function that returns a new conversation of ``generate``'s kind at each call."""
     import re
 
     from data import load_conversations
@@ -48,10 +54,10 @@ def generate(count: int, seed: int = 0) -> list[list[dict]]:
     def message(role: str, most: int) -> dict:
         return {"role": role, "content": " ".join(rng.sample(sentences[role], rng.randint(1, most)))}
 
-    return [
-        [m for _ in range(rng.randint(2, 4)) for m in (message("user", 2), message("assistant", 6))]
-        for _ in range(count)
-    ]
+    def conversation() -> list[dict]:
+        return [m for _ in range(rng.randint(2, 4)) for m in (message("user", 2), message("assistant", 6))]
+
+    return conversation
 
 
 def time_ours(path: Path, tokenizer, num_proc: int, cache: Path):

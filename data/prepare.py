@@ -7,7 +7,11 @@ Each objective goes the same way, top to bottom: check the settings; name the ca
 source's bytes, the tokenizer and the settings: ``data.cache``); if it is there, load it; else read the
 source into records (``data.readers``: chats; ``data.preference``: pairs or labelled completions), encode
 them into rows (``data.rows``), and save rows and summary (``data.summary``) in the entry, so a second run
-(or every rank of a multi-GPU job) loads them at once. A mixture (``data.sources``) prepares each source
+(or every rank of a multi-GPU job) loads them at once, memory-mapped. Chats stream: the records go to an
+Arrow file in the entry's scratch as they are read (with a progress line every ``LOG_EVERY`` seconds), are
+encoded from it to files beside it, and counted on Arrow columns, so memory stays flat however large the
+source (OpenAssistant trees are read whole first: a thread needs its tree). Preference sources are read
+into memory. A mixture (``data.sources``) prepares each source
 that way, then chooses rows of the cached datasets by weight (``prepare_mixture``): no source is encoded
 again for a new weight.
 
@@ -22,8 +26,10 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from fractions import Fraction
 from pathlib import Path
@@ -42,11 +48,14 @@ from data.rows import (
     check_settings,
     encode_conversations,
     encode_preference_records,
+    write_conversations,
 )
-from data.sources import DataError, locate_source
+from data.sources import DataError, Progress, locate_source
 from data.summary import MixtureSummary, PreferenceSummary, PrepareSummary, SourceShare
 
 SUMMARY_FILE = "summary.json"
+WORK = "work"  # a folder of an entry's scratch: the streamed source and its encoding, removed once saved
+LOG_EVERY = 10  # seconds between two progress lines while a source is read
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +142,40 @@ def prepare_dataset(
     located = locate_source(path)
     target = cache_entry(located.files, tokenizer, settings, cache_dir, name=located.name)
     if not (cached := _from_cache(target, PrepareSummary, path)):
-        source = load_conversations(
+        progress = Progress()
+        read = load_conversations(
             path, format, lang=lang, threads=threads, strict=strict, messages_field=messages_field,
-            chat_format=chat_format_of(tokenizer),
+            chat_format=chat_format_of(tokenizer), stream=True, progress=progress,
         )  # fmt: skip
-        groups = [held_out.group_of(conversation) for conversation in source.conversations]
-        dataset, summary = encode_conversations(
-            source.conversations, tokenizer, max_length=max_length, overflow=overflow, num_proc=num_proc,
-            groups=groups, options=source.options,
-        )  # fmt: skip
-        cached = _saved(target, path, source, dataset, summary, rows="conversation")
+        with atomic_directory(target) as scratch:
+            # the source streams into an Arrow file in the scratch, is encoded there, and saved beside it
+            conversations = _logged(read.stream, progress, path)
+            written = write_conversations(conversations, scratch / WORK / "source.arrow", with_groups=True)
+            dataset, summary = encode_conversations(
+                written, tokenizer, max_length=max_length, overflow=overflow, num_proc=num_proc
+            )
+            _write_entry(scratch, target, path, read, dataset, summary, rows="conversation")
+            shutil.rmtree(scratch / WORK)
+        cached = load_from_disk(str(target)), summary
     return _groups_kept(*cached, with_groups)
+
+
+def _logged(conversations: Iterator, progress: Progress, source) -> Iterator:
+    """``conversations``, logging every ``LOG_EVERY`` seconds how many were read, how fast, and the time
+    left by the bytes of the source read (``progress``); a source read in less says nothing."""
+    start = last = time.monotonic()
+    count = 0
+    for count, conversation in enumerate(conversations, start=1):
+        yield conversation
+        if (now := time.monotonic()) - last >= LOG_EVERY:
+            last, rate = now, count / (now - start)
+            left = ""
+            if progress.total and progress.done:
+                eta = (progress.total - progress.done) * (now - start) / progress.done
+                left = f", {progress.done / 1e6:,.0f} of {progress.total / 1e6:,.0f} MB, ETA {eta:,.0f} s"
+            log.info("reading %s: %s conversations, %s/s%s", source, f"{count:,}", f"{rate:,.0f}", left)
+    if last > start:  # a source long enough to report on
+        log.info("read %s: %s conversations in %.0f s", source, f"{count:,}", time.monotonic() - start)
 
 
 def prepare_preferences(
@@ -220,18 +252,27 @@ def _from_cache(target: Path, summary_type: type, source: str | os.PathLike):
 def _saved(
     target: Path, source: str | os.PathLike, read: ReadResult, dataset: Dataset, summary, *, rows: str
 ):
-    """``dataset`` and its summary, which gains the records the reader left out (``read``), saved in
-    ``target``. No row left is an error, naming what a row is (``rows``)."""
+    """``dataset`` and its summary saved in ``target`` (``_write_entry``)."""
+    with atomic_directory(target) as scratch:
+        _write_entry(scratch, target, source, read, dataset, summary, rows=rows)
+    return dataset, summary
+
+
+def _write_entry(
+    scratch: Path, target: Path, source: str | os.PathLike, read: ReadResult, dataset: Dataset, summary, *,
+    rows: str,
+) -> None:  # fmt: skip
+    """``dataset`` and its summary, which gains the records the reader left out (``read``), written in
+    ``scratch``, the cache entry ``target`` once renamed. No row left is an error, naming what a row is
+    (``rows``)."""
     summary.source = str(source)
     summary.dropped = {**dict(read.dropped.most_common()), **summary.dropped}
     summary.examples = read.examples
     if not len(dataset):
         raise ValueError(f"{source}: no usable {rows} left\n{summary}")
     summary.path = str(target)
-    with atomic_directory(target) as scratch:
-        dataset.save_to_disk(str(scratch))
-        (scratch / SUMMARY_FILE).write_text(json.dumps(asdict(summary), ensure_ascii=False, indent=1))
-    return dataset, summary
+    dataset.save_to_disk(str(scratch))
+    (scratch / SUMMARY_FILE).write_text(json.dumps(asdict(summary), ensure_ascii=False, indent=1))
 
 
 # ── mixtures: each source prepared (and cached) alone, then a seeded choice of its rows ──────

@@ -58,7 +58,7 @@ from typing import Any
 from data import oasst
 from data.chat import check_chat, validate_messages
 from data.config import MESSAGES_FIELDS
-from data.sources import DataError, Report, locate_source, read_records
+from data.sources import DataError, Progress, Report, locate_source, read_records
 
 FORMATS = (
     "messages", "sharegpt", "alpaca", "prompt_completion", "oasst_messages", "oasst_trees", "oasst_top1",
@@ -115,6 +115,8 @@ class Conversations(ReadResult):
     conversations: list[list[dict]] = field(default_factory=list)
     # one per conversation: the encoder options its record declares (``tools``, ``builtin_tools``), or {}
     options: list[dict] = field(default_factory=list)
+    # load_conversations(stream=True): each conversation and its options, read as it is asked for
+    stream: Iterator[tuple[list[dict], dict]] | None = field(default=None, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[list[dict]]:
         return iter(self.conversations)
@@ -132,8 +134,15 @@ def load_conversations(
     strict: bool = False,
     messages_field: str | None = None,
     chat_format: str = "llama3.1",
+    stream: bool = False,
+    progress: Progress | None = None,
 ) -> Conversations:
     """Read ``path`` in ``format`` into conversations, counting what is left out and why.
+
+    ``stream=True``: for a source of any size. Nothing is read yet and the lists stay empty: the result's
+    ``stream`` yields each conversation with its options as it is read (``read_conversations``), and the
+    result counts what is left out as it goes, so its counts are whole once ``stream`` is exhausted.
+    ``progress``: the bytes read so far (``data.sources.Progress``).
 
     ``messages_field``: the key of the message list (``messages``, ``sharegpt``; None: their default).
     ``chat_format``: the template the conversations will be encoded in (``data.chat.chat_format_of``);
@@ -145,18 +154,48 @@ def load_conversations(
     of records, except for trees: a left-out message is counted once, for itself and the
     replies below it; "language filtered" and "no assistant turn" count trees.
     """
+    result = Conversations(source=str(Path(path)))
+    read = read_conversations(
+        path, format, result, lang=lang, threads=threads, strict=strict, messages_field=messages_field,
+        chat_format=chat_format, progress=progress,
+    )  # fmt: skip
+    if stream:
+        result.stream = read
+        return result
+    for messages, options in read:
+        result.conversations.append(messages)
+        result.options.append(options)
+    return result
+
+
+def read_conversations(
+    path: str | Path,
+    format: str,
+    read: ReadResult,
+    *,
+    lang: Sequence[str] | None = None,
+    threads: str = "best",
+    strict: bool = False,
+    messages_field: str | None = None,
+    chat_format: str = "llama3.1",
+    progress: Progress | None = None,
+) -> Iterator[tuple[list[dict], dict]]:
+    """``load_conversations`` one at a time: each conversation with its encoder options, in order, what is
+    left out counted on ``read`` as it goes. The settings are checked at the call, before any reading.
+
+    Formats of one record per conversation stream: nothing of the source is held but the record at hand.
+    The OpenAssistant tree formats read every record first, since a thread needs its whole tree.
+    ``progress``: bytes of the source read so far (``data.sources.Progress``), updated as it reads.
+    """
     path = Path(path)
     languages = _checked_arguments(path, format, lang, threads, messages_field)
-    result = Conversations(source=str(path))
-    report = reporter(result, strict)
+    report = reporter(read, strict)
     if format in TREE_FORMATS:
-        _add_tree_threads(path, format, result, report, languages, threads)
-    else:
-        parse = _RECORD_PARSERS[format]
-        if format in MESSAGES_FIELDS:
-            parse = partial(parse, field=messages_field or MESSAGES_FIELDS[format])
-        _add_records(path, parse, result, report, chat_format)
-    return result
+        return _tree_threads(path, format, read, report, languages, threads, progress)
+    parse = _RECORD_PARSERS[format]
+    if format in MESSAGES_FIELDS:
+        parse = partial(parse, field=messages_field or MESSAGES_FIELDS[format])
+    return _records(path, parse, report, chat_format, progress)
 
 
 def reporter(result: ReadResult, strict: bool) -> Report:
@@ -244,10 +283,14 @@ def _checked_languages(lang: str | Sequence[str] | None) -> set[str] | None:
 
 
 # ── one record, one conversation: messages, ShareGPT, Alpaca, prompt/completion, ChatML, guanaco ──
-def _add_records(
-    path: Path, parse: Callable[[Any], list[dict]], result: Conversations, report: Report, chat_format: str
-):
-    for where, record in read_records(path, report):
+def _records(
+    path: Path,
+    parse: Callable[[Any], list[dict]],
+    report: Report,
+    chat_format: str,
+    progress: Progress | None,
+) -> Iterator[tuple[list[dict], dict]]:
+    for where, record in read_records(path, report, progress):
         try:
             messages = parse(record)
             options = _chat_options(record)
@@ -255,8 +298,7 @@ def _add_records(
         except DataError as error:
             report(where, error)
             continue
-        result.conversations.append(messages)
-        result.options.append(options)
+        yield messages, options
 
 
 def _conversation(messages: list[dict], options: dict, chat_format: str) -> list[dict]:
@@ -504,15 +546,16 @@ _RECORD_PARSERS = {
 
 
 # ── OpenAssistant trees: many records, many threads (data.oasst) ─────────────────────
-def _add_tree_threads(path: Path, format: str, result: Conversations, report: Report, languages, threads):
-    roots, left_out = read_trees(path, format, result, report)
-    threads = oasst.conversations(roots, languages, threads, left_out)
-    result.conversations += threads
-    result.options += [{} for _ in threads]
+def _tree_threads(
+    path: Path, format: str, read: ReadResult, report: Report, languages, threads, progress: Progress | None
+) -> Iterator[tuple[list[dict], dict]]:
+    roots, left_out = read_trees(path, format, read, report, progress)
+    for thread in oasst.conversations(roots, languages, threads, left_out):
+        yield thread, {}
 
 
 def read_trees(
-    path: Path, format: str, result: ReadResult, report: Report
+    path: Path, format: str, result: ReadResult, report: Report, progress: Progress | None = None
 ) -> tuple[list[oasst.Message], oasst.LeftOut]:
     """The trees of an OpenAssistant export (``format`` in TREE_FORMATS), not yet pruned, and the
     ``left_out`` callback for ``data.oasst``: by-design reasons are counted on ``result``, never raised."""
@@ -524,4 +567,4 @@ def read_trees(
             report(where, DataError(reason, detail))
 
     read_roots = oasst.flat_roots if format == "oasst_messages" else oasst.nested_roots
-    return read_roots(read_records(path, report), left_out), left_out
+    return read_roots(read_records(path, report, progress), left_out), left_out

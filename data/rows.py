@@ -28,19 +28,23 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import json
 import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset
 
 from data.chat import encode_chats
-from data.held_out import GROUP
+from data.held_out import GROUP, group_of
 from data.sources import DataError
 from data.summary import PreferenceSummary, PrepareSummary, length_histogram
 
@@ -51,6 +55,8 @@ OBJECTIVES = ("dpo", "kto")  # the preference objectives; sft trains on chats
 ENCODER_VERSION = "5"  # 5: per-conversation tools/builtin_tools; 4: the group column (data.held_out)
 PREFERENCE_VERSION = "2"  # 2: the group column
 _CHUNK = 1024  # preference records encoded per batched call into the tokenizer
+CONVERSATION = "conversation"  # the column of JSON conversations that chats are encoded from
+WRITE_BATCH = 10_000  # conversations per Arrow batch written while a source streams (~20 MB of JSON)
 
 
 def check_settings(overflow: str, objective: str | None = None) -> None:
@@ -69,7 +75,7 @@ def check_settings(overflow: str, objective: str | None = None) -> None:
 
 # ── chats → input_ids + assistant_masks ──────────────────────────────────────────────
 def encode_conversations(
-    conversations: list[list[dict]],
+    conversations: list[list[dict]] | Written,
     tokenizer,
     *,
     max_length: int,
@@ -85,40 +91,90 @@ def encode_conversations(
     become a ``group`` column, for a held-out split of the rows kept. ``options`` (one per conversation,
     ``Conversations.options``) are what ``encode_chat`` takes besides the messages: ``tools``,
     ``builtin_tools``; the encoder raises on a conversation it refuses, so check them first (the readers do).
+    Conversations ``Written`` to disk already (``write_conversations``: a source of any size, with its
+    groups and options) are encoded to files beside theirs, and the summary is counted on Arrow columns,
+    so neither rows nor per-row Python lists of the whole source are held in memory.
     """
     check_settings(overflow)
+    if isinstance(conversations, Written):
+        return _encoded_rows(conversations, tokenizer, max_length, overflow, num_proc)
     options = options if options is not None else [{}] * len(conversations)
-    texts = [
-        json.dumps({"messages": c, **o}, ensure_ascii=False)
-        for c, o in zip(conversations, options, strict=True)
-    ]
-    # Our own fingerprint: datasets would otherwise pickle and hash the whole tokenizer.
-    fingerprint = hashlib.sha256(f"{ENCODER_VERSION} {max_length} {overflow} {groups is not None}".encode())
+    texts = [_conversation_text(c, o) for c, o in zip(conversations, options, strict=True)]
+    digest = hashlib.sha256()
     for text in texts:
-        fingerprint.update(text.encode())
-    columns = {"conversation": texts, **({GROUP: groups} if groups is not None else {})}
-    encoded = Dataset.from_dict(columns).with_format("arrow")
+        digest.update(text.encode())
+    columns = {CONVERSATION: texts, **({GROUP: groups} if groups is not None else {})}
+    written = Written(Dataset.from_dict(columns), digest.hexdigest())
+    return _encoded_rows(written, tokenizer, max_length, overflow, num_proc)
+
+
+@dataclass(frozen=True)
+class Written:
+    """Conversations as rows of JSON text (column ``conversation``, and ``group`` when given), and a digest
+    of their text, which names the encoding's output (``encode_conversations``)."""
+
+    dataset: Dataset
+    digest: str
+
+
+def write_conversations(
+    conversations: Iterable[tuple[list[dict], dict]], path: Path, *, with_groups: bool
+) -> Written:
+    """``conversations`` (each with its ``encode_chat`` options) written to the Arrow file ``path`` as they
+    come, ``WRITE_BATCH`` at a time, so a source of any size holds one batch in memory; the file is read
+    back memory-mapped. ``with_groups``: with each one's ``group`` (``data.held_out.group_of``)."""
+    schema = pa.schema([(CONVERSATION, pa.string()), *([(GROUP, pa.int64())] if with_groups else [])])
+    digest = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conversations = iter(conversations)
+    with pa.OSFile(str(path), "wb") as file, pa.ipc.new_stream(file, schema) as writer:
+        while batch := list(itertools.islice(conversations, WRITE_BATCH)):
+            texts = [_conversation_text(messages, options) for messages, options in batch]
+            for text in texts:
+                digest.update(text.encode())
+            columns = [pa.array(texts, pa.string())]
+            if with_groups:
+                columns.append(pa.array([group_of(messages) for messages, _ in batch], pa.int64()))
+            writer.write_batch(pa.record_batch(columns, schema=schema))
+    return Written(Dataset.from_file(str(path)), digest.hexdigest())
+
+
+def _conversation_text(messages: list[dict], options: dict) -> str:
+    return json.dumps({"messages": messages, **options}, ensure_ascii=False)
+
+
+def _encoded_rows(
+    written: Written, tokenizer, max_length: int, overflow: str, num_proc: int
+) -> tuple[Dataset, PrepareSummary]:
+    source = written.dataset.with_format("arrow")
+    with_groups = GROUP in source.column_names
+    # Our own fingerprint: datasets would otherwise pickle and hash the whole tokenizer.
+    fingerprint = hashlib.sha256(
+        f"{ENCODER_VERSION} {max_length} {overflow} {with_groups} {written.digest}".encode()
+    )
     with _children_die_with_this_process():
-        encoded = encoded.map(
+        encoded = source.map(
             _encode_batch,
             batched=True,
-            num_proc=num_proc if len(texts) >= 2 * num_proc > 2 else None,
-            remove_columns=["conversation"],
+            num_proc=num_proc if len(source) >= 2 * num_proc > 2 else None,
+            remove_columns=[CONVERSATION],
             fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "overflow": overflow},
             desc="Encoding Llama 3.1 chats",
             new_fingerprint=fingerprint.hexdigest()[:16],
         ).with_format(None)
-    columns = encoded.select_columns(["status", "length", "trainable", "full_length"]).to_dict()
-    status, lengths, trainable = columns["status"], columns["length"], columns["trainable"]
-    kept = [index for index, s in enumerate(status) if s in ("ok", "truncated")]
+    columns = encoded.with_format("arrow").select_columns(["status", "length", "trainable", "full_length"])[:]
+    status = columns["status"]
+    is_kept = pc.is_in(status, value_set=pa.array(["ok", "truncated"]))
+    kept = pc.indices_nonzero(is_kept).cast(pa.int64()).to_numpy()
+    dropped = pc.value_counts(pc.filter(status, pc.invert(is_kept))).to_pylist()
     summary = PrepareSummary(
         source="",
         conversations=len(kept),
-        tokens=sum(lengths[i] for i in kept),
-        trainable_tokens=sum(trainable[i] for i in kept),
-        truncated=status.count("truncated"),
-        dropped=dict(Counter(s for s in status if s not in ("ok", "truncated"))),
-        length_histogram=length_histogram(columns["full_length"], max_length),
+        tokens=pc.sum(pc.filter(columns["length"], is_kept)).as_py() or 0,
+        trainable_tokens=pc.sum(pc.filter(columns["trainable"], is_kept)).as_py() or 0,
+        truncated=pc.sum(pc.equal(status, "truncated")).as_py() or 0,
+        dropped={count["values"]: count["counts"] for count in dropped},
+        length_histogram=length_histogram(columns["full_length"].to_numpy(), max_length),
     )
     if len(kept) < len(encoded):
         encoded = encoded.select(kept)
@@ -127,7 +183,7 @@ def encode_conversations(
 
 def _encode_batch(batch: pa.Table, tokenizer, max_length: int, overflow: str) -> pa.Table:
     """Encode a batch of JSON conversations; returns Arrow columns built without per-token Python objects."""
-    records = [json.loads(conversation) for conversation in batch.column("conversation").to_pylist()]
+    records = [json.loads(conversation) for conversation in batch.column(CONVERSATION).to_pylist()]
     ids_flat, masks_flat, offsets = [], [], [0]
     full_length, length, trainable, status = [], [], [], []
     for encoded in _encoded(records, tokenizer):

@@ -36,6 +36,15 @@ class DataError(ValueError):
 Report = Callable[[str, DataError], None]
 
 
+@dataclass
+class Progress:
+    """How far a read of a source's files has come: ``done`` of ``total`` bytes (on disk: compressed
+    bytes of a gzipped file), advanced as records are yielded. A saved or cached dataset counts none."""
+
+    total: int = 0
+    done: int = 0
+
+
 # ── sources: a file, shards, a saved dataset, a dataset in the Hugging Face cache ───────────
 SHARD_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 SOURCE_KINDS = (
@@ -187,9 +196,11 @@ def _dataset_rows(source: Source) -> Iterator[tuple[str, Any]]:
 
 
 # ── files → records ─────────────────────────────────────────────────────────────────
-def read_records(path: str | Path, report: Report) -> Iterator[tuple[str, Any]]:
+def read_records(
+    path: str | Path, report: Report, progress: Progress | None = None
+) -> Iterator[tuple[str, Any]]:
     """Each record of the source at ``path`` (``locate_source``) with where it is; JSON lines that cannot
-    be decoded are reported.
+    be decoded are reported. ``progress``: the bytes read so far, kept up to date (``Progress``).
 
     A JSON list or parquet file that cannot be decoded at all raises, whatever ``strict`` says.
     """
@@ -197,11 +208,15 @@ def read_records(path: str | Path, report: Report) -> Iterator[tuple[str, Any]]:
     if source.kind in ("saved", "hf"):
         yield from _dataset_rows(source)
         return
+    progress = progress if progress is not None else Progress()
+    progress.total = sum(file.stat().st_size for file in source.files)
     for file in source.files:
-        yield from _file_records(file, report)
+        start = progress.done
+        yield from _file_records(file, report, progress)
+        progress.done = start + file.stat().st_size
 
 
-def _file_records(path: Path, report: Report) -> Iterator[tuple[str, Any]]:
+def _file_records(path: Path, report: Report, progress: Progress) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".parquet":
         yield from _parquet_rows(path)
         return
@@ -209,12 +224,14 @@ def _file_records(path: Path, report: Report) -> Iterator[tuple[str, Any]]:
     if _is_json_list(path, opener):
         yield from _json_list(path, opener)
         return
-    with opener(path, "rb") as lines:
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
+    start = progress.done
+    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) if opener is gzip.open else raw as lines:
+        for number, line in enumerate(lines, start=1):
+            progress.done = start + raw.tell()
+            if not line.strip():
                 continue
             try:
-                record = _json_value(raw.rstrip(b"\r\n"))
+                record = _json_value(line.rstrip(b"\r\n"))
             except DataError as error:
                 report(f"{path}:{number}", error)
                 continue

@@ -6,8 +6,10 @@ the reader left out and where the dataset was saved, and keeps the summary besid
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 @dataclass
@@ -82,15 +84,13 @@ def summary_details(summary: PrepareSummary | PreferenceSummary, lengths: str) -
     return lines
 
 
-def length_histogram(lengths: list[int], max_length: int) -> dict[str, int]:
+def length_histogram(lengths: Sequence[int] | np.ndarray, max_length: int) -> dict[str, int]:
     """Counts per power-of-two bucket, with everything over max_length in its own bucket."""
     bounds = [2**k for k in range(5, 32) if 2**k < max_length] + [max_length]
-    counts = Counter()
-    for length in lengths:
-        upper = next((b for b in bounds if length <= b), None)
-        counts[f"≤{upper}" if upper else f">{max_length}"] += 1
-    order = [f"≤{b}" for b in bounds] + [f">{max_length}"]
-    return {bucket: counts[bucket] for bucket in order if counts[bucket]}
+    # the first bound at or above each length; len(bounds): over max_length
+    counts = np.bincount(np.searchsorted(bounds, np.asarray(lengths, np.int64)), minlength=len(bounds) + 1)
+    names = [f"≤{b}" for b in bounds] + [f">{max_length}"]
+    return {name: int(count) for name, count in zip(names, counts, strict=True) if count}
 
 
 @dataclass

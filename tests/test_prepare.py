@@ -271,3 +271,83 @@ def test_an_eval_split_that_cannot_work_is_refused(tmp_path, tokenizer, settings
 
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         prepare_from_config(data_config(tmp_path, **settings), tokenizer, max_length=512)
+
+
+# ── a source of any size streams: read and encoded through Arrow files, never held in lists ──────
+def generated_source(path, count: int) -> None:
+    """``count`` different conversations of varied length made from the sample's, a bad line among them and
+    a long prompt every 50."""
+    pool = load_conversations(SAMPLE, "messages").conversations
+    with path.open("w") as file:
+        for index in range(count):
+            chat = [dict(message) for message in pool[index % len(pool)]]
+            chat[-1]["content"] = " ".join([chat[-1]["content"]] * (1 + index % 4))
+            first = next(message for message in chat if message["role"] == "user")
+            first["content"] += f" ({index // 7})"  # every 7 in a row open alike: one held-out group
+            if index % 50 == 1:  # too long a prompt: nothing left to learn within a max_length of 300
+                first["content"] = "word " * 400 + first["content"]
+            file.write(json.dumps({"messages": chat}) + "\n" + ("{broken\n" if index == count // 2 else ""))
+
+
+def test_a_streamed_source_gives_the_rows_and_summary_of_one_read_whole(tokenizer, tmp_path, monkeypatch):
+    from data.held_out import group_of
+
+    source = tmp_path / "chats.jsonl"
+    generated_source(source, 3000)
+    monkeypatch.setattr("data.rows.WRITE_BATCH", 700)  # several batches written
+    streamed, summary = prepare_dataset(
+        source, "messages", tokenizer, max_length=300, cache_dir=tmp_path / "c", with_groups=True
+    )
+    read = load_conversations(source, "messages")
+    whole, expected = encode_conversations(
+        read.conversations, tokenizer, max_length=300, groups=[group_of(c) for c in read.conversations]
+    )
+    assert streamed.column_names == whole.column_names == ["input_ids", "assistant_masks", "group"]
+    for column in whole.column_names:
+        assert streamed[column] == whole[column]
+    assert summary.truncated > 0 and 0 < summary.conversations < 3000
+    assert summary.dropped == {"malformed JSON": 1, **expected.dropped}
+    for name in ("conversations", "tokens", "trainable_tokens", "truncated", "length_histogram"):
+        assert getattr(summary, name) == getattr(expected, name)
+    assert [p.name for p in entries(tmp_path / "c")[0].iterdir() if p.is_dir()] == []  # no work files left
+
+
+PEAK_RSS = """
+import json, re, sys, threading, time
+from pathlib import Path
+import data.rows
+from data import load_tokenizer, prepare_dataset
+data.rows.WRITE_BATCH = 250  # so that the small sources here stream through several batches
+tokenizer = load_tokenizer()
+def anonymous():  # not VmRSS: that counts the pages of memory-mapped Arrow files read, which are page cache
+    return int(re.search(r"RssAnon:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+before, peak, done = anonymous(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anonymous())
+        time.sleep(0.01)
+sampler = threading.Thread(target=sample)
+sampler.start()
+prepare_dataset(sys.argv[1], "messages", tokenizer, max_length=2048, cache_dir=sys.argv[2])
+done.set()
+sampler.join()
+print(json.dumps(peak[0] - before))
+"""
+
+
+@pytest.mark.slow
+def test_the_memory_of_preparing_does_not_grow_with_the_source(tmp_path):
+    """Peak anonymous memory gained while preparing 2,000 conversations and 8,000 (a fresh process each):
+    reading them all into lists grew ~16 MB per 1,000 (~95 MB more for the larger one); streamed, it
+    barely moves."""
+    grown = {}
+    for count in (2000, 8000):
+        source = tmp_path / f"chats-{count}.jsonl"
+        generated_source(source, count)
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, str(source), str(tmp_path / f"cache-{count}")],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        grown[count] = json.loads(result.stdout.splitlines()[-1])
+    assert grown[8000] < grown[2000] + 30 * 2**20, grown  # 4x the rows, not 4x (nor +48 MB of) the memory
