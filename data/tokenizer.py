@@ -115,10 +115,11 @@ def load_tokenizer(
     cached = Path(cache_dir or default_cache("tokenizer")) / key
     if (cached / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(cached)
-    tokenizer = _convert(model_file, template)
     with atomic_directory(cached) as scratch:
-        tokenizer.save_pretrained(scratch)
-    return tokenizer
+        _convert(model_file, template).save_pretrained(scratch)
+    # as every later load reads it: the prepared datasets' cache key hashes the tokenizer.json a tokenizer
+    # was loaded from, so a tokenizer just converted must be that one too, or its first run keys another entry
+    return PreTrainedTokenizerFast.from_pretrained(cached)
 
 
 def tokenizer_for(model) -> PreTrainedTokenizerBase:

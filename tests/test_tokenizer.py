@@ -99,6 +99,10 @@ def test_conversion_is_cached(tmp_path, monkeypatch):
     second = load_tokenizer(cache_dir=tmp_path)
     assert second.encode(MULTILINGUAL[1]) == first.encode(MULTILINGUAL[1])
     assert second.chat_template == first.chat_template
+    from data.cache import tokenizer_fingerprint
+
+    # the prepared datasets' cache key: a first run (just converted) keys the entry later runs read
+    assert tokenizer_fingerprint(second) == tokenizer_fingerprint(first)
     assert (second.bos_token_id, second.eos_token_id, second.pad_token_id) == (128000, 128009, 128004)
 
 

@@ -731,7 +731,7 @@ def adapter_problems(config: Config) -> list[str]:
         "after peft has wrapped the model's empty skeleton"
     )
     init = init_name(settings.get("init_lora_weights", True))
-    problems = _init_problems(config, init, settings, sharded)
+    problems = _lora_init_problems(config, init, settings, sharded)
     if problems:  # peft's own check of the rest, without the initialization already refused
         settings = {key: value for key, value in settings.items() if key != "init_lora_weights"}
     if set(settings) - {"r", "lora_alpha", "lora_dropout", "target_modules"}:
@@ -770,7 +770,7 @@ def _peft_refuses(settings: dict[str, Any]) -> list[str]:
     return []
 
 
-def _init_problems(config: Config, init: str, settings: dict[str, Any], sharded: bool) -> list[str]:
+def _lora_init_problems(config: Config, init: str, settings: dict[str, Any], sharded: bool) -> list[str]:
     """``method.init_lora_weights``: one peft knows, whose needs the run, its launch and stage can meet."""
     method, key = config.method, "method.init_lora_weights"
     pissa_niter = init.startswith("pissa_niter_") and init.removeprefix("pissa_niter_").isdigit()
