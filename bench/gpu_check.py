@@ -16,7 +16,8 @@ for this process and everything it starts): a run that needs the Hub fails.
    the process's peak RSS, python and its libraries included, so the ratio there checks nothing), what it
    held after its first optimizer step (state_bytes/rank0.json, against the planner's parts) and its
    placement log lines. Packing fills every row to max_length, the tokens the planner counts.
-2. QLoRA built in this process as a run builds it (accelerate's state first, then ``train.model.build_model``
+2. QLoRA built in this process as a run builds it (accelerate's state first, then
+``train.model.build.build_model``
    with that placement): every ``Linear4bit`` weight on ``cuda:<LOCAL_RANK>``; and no Hub kernels, after the
    load and after ``model.train()`` (where transformers kernelizes again): no model with ``use_kernels`` on,
    no layer or kernel function whose forward the ``kernels`` package swapped (``hub_kernel_users``). On CUDA
@@ -30,9 +31,9 @@ for this process and everything it starts): a run that needs the Hub fails.
 
    ``accelerate launch`` starts FSDP through torchrun whatever the process count (accelerate 1.15,
    commands/launch.py:1399), so the one process shards with FSDP2 and the QLoRA weights load as on many GPUs:
-   rank 0 reads and quantizes each tensor once the engine has sharded (train/quantized_loading.py; its log
-   line must be there, and the placement's engine must say FSDP). Checked: the training loss of each step and
-   the held-out loss agree within ``LOSS_TOLERANCE``, the gradient norm of each step within
+   rank 0 reads and quantizes each tensor once the engine has sharded (train/model/quantized_loading.py; its
+   log line must be there, and the placement's engine must say FSDP). Checked: the training loss of each step
+   and the held-out loss agree within ``LOSS_TOLERANCE``, the gradient norm of each step within
    ``GRAD_NORM_TOLERANCE``; the FSDP run wrote its generation to samples.jsonl (generation under FSDP, a
    Linear4bit computing on a sharded 4-bit weight: bitsandbytes issue #1945 reports wrong outputs after
    ``fully_shard`` with bf16 quant storage). Whether both runs' greedy completions are the same text is
@@ -80,7 +81,7 @@ from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-# One GPU: launch=local refuses a process that sees several (train/placement.py), so pin the first.
+# One GPU: launch=local refuses a process that sees several (train/model/placement.py), so pin the first.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 import torch  # noqa: E402
@@ -95,9 +96,10 @@ FSDP_STEPS = 3  # step 1 trains at learning rate 0 (warm-up), so step 3 is the f
 SAMPLE_TOKENS = 8
 LOSS_TOLERANCE = 1e-3  # relative, per step and for the held-out loss: the docstring says why
 GRAD_NORM_TOLERANCE = 1e-2
-# The log lines train/placement.py writes: where the process sits, and its host memory around the load.
+# The log lines train/model/placement.py writes: where the process sits, and its host memory around the load.
 PLACEMENT_LINES = re.compile(r"(placement: .*|rank \d+ loaded the model: .*)")
-# ... and under FSDP, QLoRA's loading (train/model.py, train/quantized_loading.py) and the launch's own check.
+# ... and under FSDP, QLoRA's loading (train/model/build.py, train/model/quantized_loading.py) and the
+# launch's own check.
 FSDP_LINES = re.compile(r"(placement: .*|QLoRA under .*|QLoRA weights: .*|launch=\w+: \d+ process\(es\).*)")
 # A run that kernelizes logs the repository each layer comes from (kernels 0.19, layer/layer.py:686, through
 # the root logger), or that it could not load one (:694).
@@ -209,8 +211,8 @@ def hub_traces(log: str) -> dict[str, list[str]]:
 def check_method(method: str, overrides: list[str], run_dir: Path) -> dict:
     """Train briefly and plan the same run (the planner beside the run's start, on another core), then put
     the two side by side."""
-    from train.outputs import METRICS_FILE, read_metrics
-    from train.state_bytes import STATE_BYTES_DIR
+    from train.run.outputs import METRICS_FILE, read_metrics
+    from train.run.state_bytes import STATE_BYTES_DIR
 
     planned = start("-m", "train.plan", *overrides, "device=local", "output=json")
     started = time.monotonic()
@@ -244,9 +246,9 @@ def build_qlora(overrides: list[str]):
     placement), and the placement."""
     from data import tokenizer_for
     from train.config import compose_config, load_config
-    from train.model import build_model, compute_dtype
-    from train.placement import place_processes
-    from train.trainer import training_args
+    from train.model.build import build_model, compute_dtype
+    from train.model.placement import place_processes
+    from train.run.trainer import training_args
 
     config = load_config(compose_config(overrides))
     dtype = compute_dtype(config.model.dtype)
@@ -322,8 +324,8 @@ def start_fsdp_pair(overrides: list[str], scratch: Path) -> dict:
 
 def finish_fsdp_pair(pair: dict) -> dict:
     """Wait for both runs, then their losses, gradient norms, held-out losses and samples side by side."""
-    from train.outputs import METRICS_FILE, read_metrics
-    from train.samples import SAMPLES_FILE
+    from train.run.outputs import METRICS_FILE, read_metrics
+    from train.run.samples import SAMPLES_FILE
 
     runs = pair["runs"]
     try:

@@ -76,7 +76,7 @@ import torch
 # GPUs); the runs started here inherit it.
 from gpu_check import GIB, REPO, device_name, start, versions
 
-from train.outputs import METRICS_FILE, read_metrics
+from train.run.outputs import METRICS_FILE, read_metrics
 
 SAMPLE = REPO / "data" / "samples" / "oasst_top1_sample.jsonl"
 DATA_FORMAT = "oasst_top1"  # conf/data/oasst_top1_sample.yaml
@@ -187,7 +187,7 @@ def build_checkpoint(path: Path, model: list[str], on_gpu: bool):
 
     from data import load_tokenizer
     from train.config import compose_config, load_config
-    from train.model import compute_dtype, llama_config
+    from train.model.build import compute_dtype, llama_config
 
     tokenizer = load_tokenizer()
     architecture = llama_config(load_config(compose_config(model)).model, tokenizer)
@@ -229,7 +229,9 @@ class Bench:
 
 
 def plain_argv(bench: Bench, data_dir: Path, run_dir: Path, max_length: int, steps: int) -> list[str]:
-    from train.model import attention_implementation  # flash_attention_2 when flash_attn imports, else sdpa
+    from train.model.build import (
+        attention_implementation,  # flash_attention_2 when flash_attn imports, else sdpa
+    )
 
     precision = ["bfloat16", "true"] if bench.on_gpu else ["float32", "false"]
     return [
@@ -369,14 +371,14 @@ def max_context_probe(bench: Bench, cap_gib: float) -> dict:
 
 # ── packed sequences apart, on this device's attention ───────────────────────────────────────────────
 def packing_check(on_gpu: bool) -> dict:
-    """Ours packs on a GPU (train/fast_path.py): two sequences in one row, told apart by ``position_ids``
-    restarting at 0, must give each the logits it has alone, with the attention that runs here
-    (FlashAttention-2 varlen or sdpa's block mask; tests/test_packing.py checks it on a CPU). The tiny
+    """Ours packs on a GPU (train/model/fast_path.py): two sequences in one row, told apart by
+    ``position_ids`` restarting at 0, must give each the logits it has alone, with the attention that runs
+    here (FlashAttention-2 varlen or sdpa's block mask; tests/test_packing.py checks it on a CPU). The tiny
     architecture with the real vocabulary, in the run's dtype; the control (no position restart) must
     differ, or the check could not fail."""
     from data import load_tokenizer
     from train.config import compose_config, load_config
-    from train.model import attention_implementation, build_model, compute_dtype
+    from train.model.build import attention_implementation, build_model, compute_dtype
 
     config = load_config(compose_config(["model=tiny"]), check=False)
     dtype = compute_dtype(config.model.dtype)

@@ -1,7 +1,7 @@
 """Host memory while 2 processes load one checkpoint: DDP (every process reads it) against FSDP (local
 rank 0 reads, the others get its broadcast) and DeepSpeed ZeRO-3 (zero.Init partitions while reading), for
 LoRA and QLoRA (rank 0 reads and quantizes one tensor at a time, each rank keeps its shard:
-train/quantized_loading.py).
+train/model/quantized_loading.py).
 
 Builds a random-weight Llama-3.1-architecture checkpoint once (fp32 safetensors, 2.6 GiB: hidden 1024,
 32 layers, the real 128,256 vocabulary), then for each launch and method runs
@@ -67,7 +67,7 @@ def build_checkpoint(directory: Path) -> int:
 
         from data import load_tokenizer
         from train.config import compose_config, load_config
-        from train.model import build_model
+        from train.model.build import build_model
 
         config = load_config(compose_config(ARCHITECTURE), check=False)
         tokenizer = load_tokenizer()

@@ -5,7 +5,7 @@ bench/gpu_recipe.py needs from it afterwards: the trainer's log and the process'
 
 The script reads a local directory holding ``train.jsonl`` as ``--dataset_name`` (datasets' json builder),
 so only the record is added here: ``sft.main`` keeps its trainer to itself, so the one it builds is kept as
-it is built. Peak memory as our runs measure theirs (``train.outputs.peak_memory_bytes``: GPU
+it is built. Peak memory as our runs measure theirs (``train.run.outputs.peak_memory_bytes``: GPU
 ``torch.cuda.max_memory_allocated``, CPU the peak resident set), from the start of ``main``.
 """
 
@@ -20,13 +20,13 @@ from pathlib import Path
 import trl
 from trl.scripts import sft
 
-from train.outputs import peak_memory_bytes, reset_peak_memory
+from train.run.outputs import peak_memory_bytes, reset_peak_memory
 
 
 def main(argv: list[str]) -> None:
     # transformers 5 swaps RMSNorm/RoPE for Hub kernels on CUDA by default (use_kernels, USE_HUB_KERNELS=YES),
     # fetched from the Hub: on an offline GPU node the load fails. Off, as our runs have them unless asked
-    # (train.model.hub_kernels_asked): both sides of bench/gpu_recipe.py compute with the same layers.
+    # (train.model.build.hub_kernels_asked): both sides of bench/gpu_recipe.py compute with the same layers.
     os.environ.setdefault("USE_HUB_KERNELS", "0")
     record = Path(argv[argv.index("--record") + 1])
     del argv[argv.index("--record") : argv.index("--record") + 2]

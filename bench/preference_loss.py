@@ -23,9 +23,9 @@ REPEATS = 6
 def trainer_for(overrides: list[str], fused: bool, tokenizer):
     from data import prepare_from_config
     from train.config import compose_config, load_config
-    from train.model import build_model, compute_dtype
-    from train.preference import build_preference_trainer
-    from train.trainer import training_args
+    from train.model.build import build_model, compute_dtype
+    from train.run.preference import build_preference_trainer
+    from train.run.trainer import training_args
 
     cfg = compose_config(
         [*overrides, "training.report_to=[]", f"training.cpu_fused_lm_head={str(fused).lower()}"]

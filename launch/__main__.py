@@ -24,7 +24,7 @@ from pathlib import Path
 
 from train.config import Config, ConfigError, compose_config, load_config
 from train.plan import Device, check_fits
-from train.run_dir import STOP_FILE, STOPPED_FILE
+from train.run.run_dir import STOP_FILE, STOPPED_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from train.config import Config, ConfigError
 from train.plan import Device, plan_run
-from train.run_dir import STOP_FILE, STOPPED_FILE
+from train.run.run_dir import STOP_FILE, STOPPED_FILE
 
 SCRIPT_NAME = "slurm-job.sh"
 

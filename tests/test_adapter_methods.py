@@ -18,11 +18,11 @@ from test_config import composed
 from test_trainer import tiny_trainer
 
 from train.config import load_config
-from train.model import build_model
+from train.model.build import build_model
 
 # A few steps on short rows; no dropout, so that a forward is deterministic in train mode, where logits are
 # compared: on a CPU bitsandbytes repacks 4-bit weights at an eval-mode forward without gradients (see
-# train.trainer.keep_4bit_weights_unpacked_for_dora), and the reloaded model must not differ by that.
+# train.run.trainer.keep_4bit_weights_unpacked_for_dora), and the reloaded model must not differ by that.
 FEW_STEPS = (
     "training.max_steps=3",
     "training.save_steps=100",
@@ -214,7 +214,7 @@ def test_dora_keeps_two_outputs_per_token_and_with_dropout_the_dequantized_weigh
     dequantized weight (4 x in x out, once), LoRA's none (in fp32 the matmul keeps the parameter itself)."""
     from peft import get_peft_model
 
-    from train.model import build_peft_config
+    from train.model.build import build_peft_config
     from train.plan.memory import activation_bytes
 
     def config_of(method: str, use_dora: bool, dropout: float):

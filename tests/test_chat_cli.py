@@ -30,8 +30,8 @@ from train.chat import (
     prompt_ids,
 )
 from train.config import ConfigError, load_config
-from train.outputs import save_resolved_config
-from train.run_dir import run_config
+from train.run.outputs import save_resolved_config
+from train.run.run_dir import run_config
 
 SYSTEM = {"role": "system", "content": "You answer briefly."}
 MAX_NEW_TOKENS = 8
@@ -45,7 +45,7 @@ def lora_run(tmp_path_factory, tokenizer):
     changes what the base says, and no trainer runs here."""
     from peft import get_peft_model
 
-    from train.model import build_model, build_peft_config
+    from train.model.build import build_model, build_peft_config
 
     run_dir = tmp_path_factory.mktemp("lora_run")
     cfg = composed("training.report_to=[]")

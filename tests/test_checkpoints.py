@@ -8,9 +8,9 @@ import os
 import signal
 import zlib
 
-from train.checkpoints import resume_point, rotate
-from train.outputs import MetricsJsonl, read_metrics
-from train.run_dir import (
+from train.run.checkpoints import resume_point, rotate
+from train.run.outputs import MetricsJsonl, read_metrics
+from train.run.run_dir import (
     COMPLETE_MARKER,
     DAMAGED_SUFFIX,
     STOP_FILE,
@@ -116,7 +116,7 @@ def callback(run_dir):
 
     from transformers import TrainerControl, TrainerState
 
-    from train.checkpoints import CompleteCheckpoints
+    from train.run.checkpoints import CompleteCheckpoints
 
     args = SimpleNamespace(output_dir=str(run_dir / "checkpoints"))
     state = TrainerState(global_step=3, max_steps=10)

@@ -89,8 +89,8 @@ def test_lora_without_rank_is_refused():
 
 
 def test_trl_fields_pass_through_with_or_without_plus(tmp_path):
-    from train.outputs import save_resolved_config
-    from train.run_dir import run_config
+    from train.run.outputs import save_resolved_config
+    from train.run.run_dir import run_config
 
     appended = "+training.gradient_checkpointing_kwargs={use_reentrant:false}"
     cfg = composed("training.ddp_timeout=600", appended)
@@ -194,7 +194,7 @@ def test_every_size_and_method_composes_and_is_planned(size, method):
 
 def test_qlora_dpo_under_sharding_cannot_score_its_reference_before_the_weights_load():
     """TRL's precompute_ref_log_probs runs in the trainer's constructor; sharded QLoRA's weights arrive at
-    step 0 (train/quantized_loading.py): refused as the config loads, with what works."""
+    step 0 (train/model/quantized_loading.py): refused as the config loads, with what works."""
     overrides = ("stage=dpo", "data=preference_sample", "method=qlora", "launch.num_processes=2")
     with pytest.raises(ConfigError) as error:
         load_config(composed(*overrides, "launch=zero3", "+training.precompute_ref_log_probs=true"))
@@ -281,8 +281,8 @@ def test_lora_config_fields_pass_through_and_typos_name_the_nearest_fields():
         (("method=qlora", "launch=fsdp", "launch.num_processes=2", "method.use_dora=true"),
          "method.use_dora: DoRA's magnitudes are the base weights' row norms, taken when peft wraps the "
          "model, and under fsdp QLoRA's weights are read and quantized at step 0 "
-         "(train/quantized_loading.py), after peft has wrapped the model's empty skeleton; use launch=ddp or "
-         "zero2, or method=lora"),
+         "(train/model/quantized_loading.py), after peft has wrapped the model's empty skeleton; use "
+         "launch=ddp or zero2, or method=lora"),
         (("method=qlora", "launch=zero3", "launch.num_processes=2", "method.modules_to_save=[lm_head]"),
          "method.modules_to_save: peft copies these modules when it wraps the model, and under zero3 QLoRA's "
          "weights are read and quantized at step 0"),

@@ -18,7 +18,7 @@ from data import encode_chat
 from train.config import ConfigError, load_config
 from train.eval_tasks.oasst_reply_choice import OUTPUT, build_items, jsonl
 from train.evaluate import TASKS_DIR, harness_model, main, task_manager, task_specs
-from train.outputs import save_resolved_config
+from train.run.outputs import save_resolved_config
 
 TASK = "oasst_reply_choice"
 LIMIT = 3
@@ -144,7 +144,7 @@ def test_the_harness_prompts_in_the_format_the_run_trained(chat_format):
     """lm-eval renders prompts with the tokenizer's template; for Llama 3.2 that would carry today's date,
     not the one the training data carries. The prompt is encode_chat's, up to the assistant's reply."""
     from data import load_tokenizer
-    from train.model import build_model
+    from train.model.build import build_model
 
     tokenizer = load_tokenizer(chat_format=chat_format)
     model = build_model(load_config(composed()).model, tokenizer, dtype=torch.float32, seed=0)

@@ -14,8 +14,8 @@ from test_trainer import tiny_trainer
 from data import load_tokenizer
 from train.config import load_config
 from train.export import adapter_model, export
-from train.model import build_model
-from train.outputs import final_dir
+from train.model.build import build_model
+from train.run.outputs import final_dir
 
 
 def trained_run(tmp_path, tokenizer, method: str, *overrides: str):

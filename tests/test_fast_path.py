@@ -1,5 +1,5 @@
-"""The GPU fast path (train/fast_path.py): each switch decided from the device in one place, refused at start
-where it cannot run, handed to TRL's own arguments, and counted by the planner. The kernels themselves
+"""The GPU fast path (train/model/fast_path.py): each switch decided from the device in one place, refused at
+start where it cannot run, handed to TRL's own arguments, and counted by the planner. The kernels themselves
 (Liger's Triton kernels, TRL's CUDA-stream offloading) need a GPU: bench/gpu_recipe.py runs them there."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from test_config import composed
 
 from train.config import ConfigError, load_config
-from train.fast_path import fast_path, resolve
+from train.model.fast_path import fast_path, resolve
 from train.plan import GIB
 from train.plan.memory import (
     Kernels,
@@ -20,7 +20,7 @@ from train.plan.memory import (
     offloaded_activation_bytes,
     per_gpu_bytes,
 )
-from train.trainer import training_args
+from train.run.trainer import training_args
 
 LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
 

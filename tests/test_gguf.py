@@ -25,7 +25,7 @@ from data import encode_chat, load_conversations
 from data.tokenizer import EOT, STOP_TOKENS
 from train.config import load_config
 from train.export import export_gguf, main
-from train.gguf import (
+from train.model.gguf import (
     EOM,
     LLAMA_BPE_HASH,
     interleave_rotary_halves,
@@ -33,7 +33,7 @@ from train.gguf import (
     rope_freqs,
     write_gguf,
 )
-from train.outputs import save_resolved_config
+from train.run.outputs import save_resolved_config
 
 TYPES = ("f16", "bf16", "q8_0")
 GGML_TYPE = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,

@@ -102,7 +102,7 @@ def test_two_machines_started_by_hand_train_as_one_run(ddp_run, tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_by_hand_without_launch_takes_accelerates_settings(ddp_run, tmp_path):
     """A TRL user's habit: `accelerate launch --config_file <theirs> --num_processes 2 -m train ...` and no
-    launch=: the run takes 2-process DDP from accelerate's environment (train/launch_env.py) and trains as
+    launch=: the run takes 2-process DDP from accelerate's environment (train/run/launch_env.py) and trains as
     launch=ddp does. An explicit launch= that contradicts the launcher stops before any weight loads."""
 
     def accelerate(config: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -217,8 +217,8 @@ def ddp_run(tmp_path_factory):
 def test_two_process_ddp_matches_one_process_with_twice_the_batch(ddp_run, tmp_path):
     ddp_dir, log = ddp_run
     assert "launch=ddp: 2 process(es), engine MULTI_CPU, backend gloo, model DistributedDataParallel" in log
-    # DDP did not search the graph for unused parameters (train/trainer.py training_args): where it does and
-    # finds none, torch warns after the first backward (reducer.cpp), as it did here for every LoRA run
+    # DDP did not search the graph for unused parameters (train/run/trainer.py training_args): where it does
+    # and finds none, torch warns after the first backward (reducer.cpp), as it did here for every LoRA run
     assert "find_unused_parameters=True was specified in DDP constructor" not in log
     single = run_train(
         f"hydra.run.dir={tmp_path / 'single'}", "training.per_device_train_batch_size=2", *SHORT, cwd=tmp_path
@@ -291,12 +291,12 @@ def fsdp_run(shared_launch):
 
 @pytest.mark.slow
 def test_fsdp_shards_on_cpu_and_trains_like_ddp(ddp_run, fsdp_run, tokenizer):
-    """accelerate alone would train DDP here (train/trainer.py shard_with_fsdp_on_cpu); the final
+    """accelerate alone would train DDP here (train/run/trainer.py shard_with_fsdp_on_cpu); the final
     save gathers every rank's shards, so adapter/ is DDP's adapter, whole, and loads with peft."""
     from peft import PeftModel
 
-    from train.model import build_model
-    from train.run_dir import run_config
+    from train.model.build import build_model
+    from train.run.run_dir import run_config
 
     run_dir, log = fsdp_run
     # 37 parameters: 2 layers x (4 attention + 8 LoRA + 3 MLP + 2 norms), embeddings, final norm, LM head
@@ -346,9 +346,10 @@ def test_fsdp_checkpoint_is_sharded_and_resumes_where_it_stopped(fsdp_run, tmp_p
 
 @pytest.mark.slow
 def test_qlora_under_fsdp_shards_its_4bit_weights_and_resumes(tmp_path):
-    """4-bit weights stored in the compute dtype (train/model.py) are sharded like every other parameter,
-    quantized into each rank's shard at step 0 (train/quantized_loading.py); a run resumed from a
-    checkpoint, whose skeleton is filled again after the checkpoint is read, repeats the same losses."""
+    """4-bit weights stored in the compute dtype (train/model/build.py) are sharded like every other
+    parameter, quantized into each rank's shard at step 0 (train/model/quantized_loading.py); a run resumed
+    from a checkpoint, whose skeleton is filled again after the checkpoint is read, repeats the same
+    losses."""
     run_dir, log = launched(tmp_path, "fsdp", "method=qlora", "training.save_steps=2")
     assert "launch=fsdp: 2 process(es), engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, " in log
     assert "37/37 parameters DTensor shards" in log
@@ -366,7 +367,8 @@ def test_qlora_under_fsdp_shards_its_4bit_weights_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_qlora_under_zero3_partitions_its_4bit_weights(tmp_path):
-    """bnb_4bit_quant_storage in the compute dtype (train/model.py) lets ZeRO-3 partition Params4bit too."""
+    """bnb_4bit_quant_storage in the compute dtype (train/model/build.py) lets ZeRO-3 partition Params4bit
+    too."""
     run_dir, log = launched(tmp_path, "zero3", "method=qlora", "training.max_steps=2")
     assert (
         "launch=zero3: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, ZeRO-3, offload "
@@ -380,8 +382,8 @@ def test_qlora_under_zero3_partitions_its_4bit_weights(tmp_path):
 @pytest.mark.slow
 def test_full_dpo_under_fsdp_scores_rank_0s_reference_on_every_rank(tmp_path):
     """Under FSDP's rank-0 loading rank 1 builds the reference as shapes only; it must still score with rank
-    0's weights (train/preference.py reference_from_rank_zero): at step 1 policy == reference on every rank,
-    so the loss is exactly log 2. A reference left uninitialised on rank 1 would move it."""
+    0's weights (train/run/preference.py reference_from_rank_zero): at step 1 policy == reference on every
+    rank, so the loss is exactly log 2. A reference left uninitialised on rank 1 would move it."""
     run_dir, log = launched(
         tmp_path, "fsdp", "stage=dpo", "data=preference_sample", "method=full", "training.max_steps=1"
     )
@@ -393,11 +395,11 @@ def test_full_dpo_under_fsdp_scores_rank_0s_reference_on_every_rank(tmp_path):
 @pytest.mark.slow
 def test_full_dpo_under_zero3_reads_its_reference_partitioned(tmp_path, tokenizer):
     """With model.path under ZeRO-3 the policy is partitioned while read (zero.Init), and so is the
-    reference (train/preference.py reference_copy): step 1 scores policy == reference, loss log 2."""
+    reference (train/run/preference.py reference_copy): step 1 scores policy == reference, loss log 2."""
     from test_config import composed
 
     from train.config import load_config
-    from train.model import build_model
+    from train.model.build import build_model
 
     checkpoint = tmp_path / "checkpoint"
     config = load_config(composed())
@@ -415,8 +417,9 @@ def test_full_dpo_under_zero3_reads_its_reference_partitioned(tmp_path, tokenize
 
 @pytest.mark.slow
 def test_lora_dpo_runs_sharded_under_fsdp(tmp_path):
-    """Every stage's trainer gets the same launches (FSDP on CPU through train/trainer.py ShardedOnCpu); FSDP
-    is the one that rewraps the model. (DPO under ZeRO-3: test_full_dpo_under_zero3_reads_its_reference.)"""
+    """Every stage's trainer gets the same launches (FSDP on CPU through train/run/trainer.py ShardedOnCpu);
+    FSDP is the one that rewraps the model. (DPO under ZeRO-3:
+    test_full_dpo_under_zero3_reads_its_reference.)"""
     run_dir, log = launched(tmp_path, "fsdp", "stage=dpo", "data=preference_sample", "training.max_steps=2")
     engine = "engine FSDP, backend gloo, model FSDPPeftModelForCausalLM, 37/37 parameters DTensor shards"
     assert f"launch=fsdp: 2 process(es), {engine}" in log
@@ -433,7 +436,8 @@ def test_every_launch_resumes_its_run_directory_unless_told_otherwise(tmp_path):
 
 
 def test_launching_imports_neither_torch_nor_transformers():
-    """`python -m launch` renders and submits at once: train.run_dir, not train.checkpoints (7 s, 400 MB)."""
+    """`python -m launch` renders and submits at once: train.run.run_dir, not train.run.checkpoints (7 s, 400
+    MB)."""
     imported = subprocess.run(
         [sys.executable, "-c", "import sys, launch.__main__, launch.slurm; print(*sys.modules)"],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,

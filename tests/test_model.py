@@ -8,7 +8,7 @@ from test_config import composed
 from test_trainer import tiny_trainer
 
 from train.config import ConfigError, load_config
-from train.model import build_model, llama_config
+from train.model.build import build_model, llama_config
 
 # Parameter counts of Meta's released checkpoints: 3.1 and 3.3 untie embeddings and LM head, 3.2 1B/3B tie
 # them (one tensor, counted once).
@@ -51,11 +51,11 @@ def test_local_checkpoint_loads_from_safetensors(tmp_path, tokenizer):
 
 def test_no_model_loads_hub_kernels_unless_the_user_asks(tmp_path, tokenizer, monkeypatch):
     """transformers 5 kernelizes every from_pretrained model by default (on CUDA: RMSNorm/RoPE from the Hub,
-    again at each model.train()). Every load goes through train.model.load_safely: the checkpoint and the
-    4-bit paths reach set_use_kernels with False, and only USE_HUB_KERNELS=1 turns it on."""
+    again at each model.train()). Every load goes through train.model.build.load_safely: the checkpoint and
+    the 4-bit paths reach set_use_kernels with False, and only USE_HUB_KERNELS=1 turns it on."""
     from transformers import PreTrainedModel
 
-    from train.model import load_safely
+    from train.model.build import load_safely
 
     asked = []
     original = PreTrainedModel.set_use_kernels

@@ -11,9 +11,9 @@ from conftest import REPO
 from test_config import composed
 
 from train.config import ConfigError, load_config
-from train.model import weights_dtype
-from train.placement import Placement, place_processes
-from train.trainer import training_args
+from train.model.build import weights_dtype
+from train.model.placement import Placement, place_processes
+from train.run.trainer import training_args
 
 
 def config_of(*overrides: str):
@@ -64,7 +64,7 @@ def test_the_engine_is_known_before_the_trainer_builds_its_accelerator():
     (shards_4bit) and stores 4-bit weights in the compute dtype, as on CPU."""
     from accelerate.utils import DistributedType
 
-    from train.placement import launch_engine
+    from train.model.placement import launch_engine
 
     fsdp, zero = {"ACCELERATE_USE_FSDP": "true"}, {"ACCELERATE_USE_DEEPSPEED": "true"}
     assert launch_engine(DistributedType.MULTI_GPU, fsdp) == DistributedType.FSDP
@@ -148,9 +148,9 @@ def planned_load(launch: str, processes: int) -> int:
 
 @pytest.mark.slow
 def test_qlora_is_read_and_quantized_once_and_each_rank_keeps_its_shard(load_memory):
-    """train/quantized_loading.py under FSDP and ZeRO-3, 2 processes on a 2.6 GiB checkpoint: rank 1 maps
-    none of the checkpoint while loading (rank 0 reads it, one tensor at a time); no rank's anonymous memory
-    grows by more than its shard of the quantized model and two whole tensors in flight, which is the
+    """train/model/quantized_loading.py under FSDP and ZeRO-3, 2 processes on a 2.6 GiB checkpoint: rank 1
+    maps none of the checkpoint while loading (rank 0 reads it, one tensor at a time); no rank's anonymous
+    memory grows by more than its shard of the quantized model and two whole tensors in flight, which is the
     planner's loading peak for this run, within 20%; and the first steps' losses equal one process's with
     twice the batch (the same quantization, the same LoRA)."""
     size, runs = load_memory
@@ -175,7 +175,7 @@ ACCELERATE_FSDP = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "ACCELERATE_USE_
 
 
 def test_a_run_started_by_accelerate_launch_takes_its_launch_when_none_was_chosen():
-    from train.launch_env import launch_from_environment
+    from train.run.launch_env import launch_from_environment
 
     local = config_of().launch
     assert launch_from_environment(local, explicit=False, environ={}) is local  # python -m train: as is
@@ -194,7 +194,7 @@ def test_a_run_started_by_accelerate_launch_takes_its_launch_when_none_was_chose
 
 
 def test_an_explicit_launch_that_contradicts_the_launcher_is_refused_before_loading():
-    from train.launch_env import launch_from_environment
+    from train.run.launch_env import launch_from_environment
 
     fsdp = config_of("launch=fsdp", "launch.num_processes=8", "launch.num_machines=2").launch
     assert launch_from_environment(fsdp, explicit=True, environ=ACCELERATE_FSDP) is fsdp  # they agree

@@ -106,7 +106,7 @@ def peft_trainable(model_cfg, tokenizer, r: int, target_modules, **lora) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from train.model import llama_config
+    from train.model.build import llama_config
 
     with torch.device("meta"):
         model = get_peft_model(
@@ -404,8 +404,8 @@ GPU_RUNS = {
 def test_planned_peak_bounds_a_real_training_run(run, tmp_path, tokenizer):
     from datasets import Dataset
 
-    from train.model import build_model, compute_dtype
-    from train.trainer import build_trainer, training_args
+    from train.model.build import build_model, compute_dtype
+    from train.run.trainer import build_trainer, training_args
 
     seq_len, batch = (256, 2) if run.startswith("tiny") else (1024, 4)
     cfg = composed(

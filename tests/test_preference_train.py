@@ -1,4 +1,4 @@
-"""Preference training (train/preference.py): DPO and KTO with TRL's trainers on our prepared rows, the
+"""Preference training (train/run/preference.py): DPO and KTO with TRL's trainers on our prepared rows, the
 reference model, the CPU LM head, resume, starting from an SFT run, and what fails before any work."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from trl import DPOTrainer
 
 from data import encode_preference_records, load_preferences
 from train.config import ConfigError, load_config
-from train.model import build_model, compute_dtype
-from train.outputs import read_metrics, save_resolved_config
+from train.model.build import build_model, compute_dtype
 from train.plan import REFERENCES, format_plan, plan_memory, reference_model
-from train.preference import build_preference_trainer, init_model, kl_partners, score_with_model_logits
-from train.trainer import training_args
+from train.run.outputs import read_metrics, save_resolved_config
+from train.run.preference import build_preference_trainer, init_model, kl_partners, score_with_model_logits
+from train.run.trainer import training_args
 
 SAMPLES = REPO / "data" / "samples"
 # Steps of a run that moves visibly: a constant, large learning rate on a batch that is the whole data.
@@ -199,12 +199,12 @@ def test_full_dpo_keeps_a_frozen_copy_as_reference(tmp_path, tokenizer):
 def test_full_dpo_from_an_adapter_stores_weights_as_the_precision_policy_says(tmp_path, tokenizer):
     """A LoRA SFT run merged into its base for full DPO: with a bf16 compute dtype the weights are fp32 where
     they are their own master copy (one process; DDP the same) and bf16 where the engine keeps the fp32
-    master (FSDP2, DeepSpeed), as ``build_model`` stores them (``train.model.weights_dtype``); they were
+    master (FSDP2, DeepSpeed), as ``build_model`` stores them (``train.model.build.weights_dtype``); they were
     bf16 everywhere."""
     from test_export import trained_run
 
     from train.export import base_of
-    from train.placement import Placement
+    from train.model.placement import Placement
 
     (tmp_path / "sft").mkdir()
     trained_run(tmp_path / "sft", tokenizer, "lora")

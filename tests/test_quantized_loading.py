@@ -1,4 +1,4 @@
-"""QLoRA's loading under FSDP and ZeRO-3 (train/quantized_loading.py): the skeleton is the model
+"""QLoRA's loading under FSDP and ZeRO-3 (train/model/quantized_loading.py): the skeleton is the model
 from_pretrained quantizes, holding no weight; filled once the engine has sharded it, it computes the same
 logits. The 2-process proof (pages read, memory per rank, losses) is tests/test_placement.py's."""
 
@@ -13,7 +13,7 @@ import torch
 from conftest import REPO
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from train.quantized_loading import QUANTIZED_LOAD, CheckpointKeyError, quantized_skeleton
+from train.model.quantized_loading import QUANTIZED_LOAD, CheckpointKeyError, quantized_skeleton
 
 QUANTIZATION = BitsAndBytesConfig(
     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -98,7 +98,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 sys.path.insert(0, {tests!r})
 from test_quantized_loading import QUANTIZATION
-from train.quantized_loading import QUANTIZED_LOAD, load_quantized_shards, quantized_skeleton
+from train.model.quantized_loading import QUANTIZED_LOAD, load_quantized_shards, quantized_skeleton
 torch.distributed.init_process_group("gloo")
 path = {path!r}
 skeleton = quantized_skeleton(path, QUANTIZATION, torch.float32, "sdpa")

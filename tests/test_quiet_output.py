@@ -1,5 +1,5 @@
 """A command's output is what the user needs to read: no library notes they cannot act on (train/__init__.py,
-data/__init__.py, train/trainer.py's ``training_args``). ``python -m data.prepare``'s: test_prepare.py."""
+data/__init__.py, train/run/trainer.py's ``training_args``). ``python -m data.prepare``'s: test_prepare.py."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_each_run_in_a_process_measures_its_own_peak_memory():
     with reset_peak_memory, so a small point after a big one reports its own peak, not the big one's."""
     import numpy as np
 
-    from train.outputs import peak_memory_bytes, reset_peak_memory
+    from train.run.outputs import peak_memory_bytes, reset_peak_memory
 
     reset_peak_memory()
     before = peak_memory_bytes()

@@ -15,7 +15,7 @@ from test_launch import launched
 
 from data import encode_chat
 from launch.__main__ import free_port
-from train.samples import prompt_text, sample_prompts, user_prompt_text
+from train.run.samples import prompt_text, sample_prompts, user_prompt_text
 
 CHAT = [
     {"role": "system", "content": "Answer in one line."},
@@ -117,8 +117,8 @@ def one_process_completions(run_dir: Path, prompts: list[str], tokenizer) -> lis
     from transformers import GenerationConfig
 
     from data.tokenizer import stop_token_ids
-    from train.model import build_model
-    from train.run_dir import run_config
+    from train.model.build import build_model
+    from train.run.run_dir import run_config
 
     config = run_config(run_dir)
     base = build_model(config.model, tokenizer, dtype=torch.float32, seed=config.training.seed)
@@ -202,8 +202,8 @@ def generate_sharded(out: Path) -> None:
     from data import load_tokenizer
     from data.tokenizer import stop_token_ids
     from train.config import compose_config, load_config
-    from train.model import build_model
-    from train.samples import complete_on_every_rank
+    from train.model.build import build_model
+    from train.run.samples import complete_on_every_rank
 
     state = PartialState(cpu=True)  # gloo: accelerate takes a CPU world for a single process unless told
     tokenizer = load_tokenizer()

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from test_config import composed
 
 from train.config import load_config
-from train.model import build_model, build_peft_config
-from train.sharded_save import full_shape, save_adapter, save_full_model, whole
+from train.model.build import build_model, build_peft_config
+from train.model.sharded_save import full_shape, save_adapter, save_full_model, whole
 
 # The 2-process full fine-tunes both this file and test_state_bytes read (conftest.shared_launch).
 FULL_RUN = ("method=full", "training.save_steps=4", "training.max_shard_size=300KB")

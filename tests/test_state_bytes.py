@@ -13,7 +13,7 @@ from test_sharded_save import FULL_RUN
 
 from train.config import load_config
 from train.plan import per_gpu_bytes
-from train.state_bytes import state_bytes
+from train.run.state_bytes import state_bytes
 
 TERMS = ("weights", "gradients", "master", "optimizer")
 

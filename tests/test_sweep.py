@@ -10,7 +10,7 @@ from conftest import run_train
 from safetensors.torch import load_file
 from test_launch import eval_losses
 
-from train.sweep import point_labels
+from train.run.sweep import point_labels
 
 SEARCH = [
     "+experiment=search_lr_rank",

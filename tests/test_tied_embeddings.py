@@ -12,7 +12,7 @@ from test_export import run_export, trained_run
 from test_launch import launched, losses
 
 from train.config import load_config
-from train.model import build_model
+from train.model.build import build_model
 
 TIED = "model.tie_word_embeddings=true"
 

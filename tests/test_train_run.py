@@ -89,8 +89,8 @@ def test_adapter_is_safetensors_and_loads_back_with_peft(default_run, tokenizer)
 
     from data import encode_chat, load_conversations
     from train.config import ModelConfig
-    from train.model import build_model
-    from train.run_dir import run_config
+    from train.model.build import build_model
+    from train.run.run_dir import run_config
 
     run_dir, _ = default_run
     adapter = run_dir / "adapter"

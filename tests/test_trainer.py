@@ -8,9 +8,9 @@ from test_config import composed
 
 from data import encode_conversations, load_conversations
 from train.config import load_config
-from train.model import build_model, compute_dtype
-from train.outputs import save_resolved_config
-from train.trainer import build_trainer, training_args
+from train.model.build import build_model, compute_dtype
+from train.run.outputs import save_resolved_config
+from train.run.trainer import build_trainer, training_args
 
 
 def tiny_trainer(tmp_path, tokenizer, *overrides: str):

@@ -16,9 +16,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 )
 
 # transformers 5.24 renamed gradient checkpointing to activation checkpointing on the model; the old names
-# still work and warn from transformers.modeling_utils. Our code uses the new names (train/trainer.py); the
-# callers of the old ones are peft 0.21 (PeftModel.__init__ and prepare_model_for_kbit_training) and TRL 1.16
-# (models/utils.py: disable_gradient_checkpointing, around DPO/KTO's reference pass).
+# still work and warn from transformers.modeling_utils. Our code uses the new names (train/run/trainer.py);
+# the callers of the old ones are peft 0.21 (PeftModel.__init__ and prepare_model_for_kbit_training) and TRL
+# 1.16 (models/utils.py: disable_gradient_checkpointing, around DPO/KTO's reference pass).
 warnings.filterwarnings(
     "ignore",
     message=r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated",

@@ -21,8 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 from train.config import ConfigError, load_config, register_configs
-from train.launch_env import launch_from_environment
 from train.plan import check_fits
+from train.run.launch_env import launch_from_environment
 
 log = logging.getLogger("train")
 register_configs()
@@ -30,7 +30,7 @@ register_configs()
 
 def _launch_chosen() -> bool:
     """``launch=`` was chosen (not the default ``local``): then it must agree with whatever launcher started
-    this process; otherwise the launcher's settings are the run's (train/launch_env.py)."""
+    this process; otherwise the launcher's settings are the run's (train/run/launch_env.py)."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra = HydraConfig.get()
@@ -49,7 +49,7 @@ def _check_search(config) -> None:
     nothing out before it trains for nothing."""
     from hydra.core.hydra_config import HydraConfig
 
-    from train.sweep import searching
+    from train.run.sweep import searching
 
     if searching(HydraConfig.get()) and not (config.data.eval_split or config.data.eval_path):
         raise ConfigError(
@@ -60,7 +60,8 @@ def _check_search(config) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """One run; returns its final eval loss (``train.sweep.objective``), which an Optuna sweep minimizes."""
+    """One run; returns its final eval loss (``train.run.sweep.objective``), which an Optuna sweep
+    minimizes."""
     # ── config: typed, validated and checked to fit, before anything expensive ──
     try:
         config = load_config(cfg)
@@ -84,9 +85,10 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
     from data import DataError, prepare_from_config, tokenizer_for
-    from train.checkpoints import CheckpointSpaceError
-    from train.model import build_model, compute_dtype
-    from train.outputs import (
+    from train.model.build import build_model, compute_dtype
+    from train.model.placement import place_processes
+    from train.run.checkpoints import CheckpointSpaceError
+    from train.run.outputs import (
         LOSS_PLOT_FILE,
         METRICS_FILE,
         final_dir,
@@ -94,10 +96,9 @@ def main(cfg: DictConfig) -> float | None:
         reset_peak_memory,
         save_resolved_config,
     )  # fmt: skip
-    from train.placement import place_processes
-    from train.preference import build_preference_trainer, init_model
-    from train.sweep import objective
-    from train.trainer import build_trainer, resume_checkpoint, training_args
+    from train.run.preference import build_preference_trainer, init_model
+    from train.run.sweep import objective
+    from train.run.trainer import build_trainer, resume_checkpoint, training_args
 
     dtype = compute_dtype(config.model.dtype)
 
@@ -133,8 +134,8 @@ def main(cfg: DictConfig) -> float | None:
     log.info("data: %s", summary)
 
     # ── model: base weights (or the run it starts from) on this rank's device, read once per node under
-    #    FSDP/ZeRO-3 (train/placement.py); QLoRA there is a skeleton until step 0, when rank 0 quantizes
-    #    one tensor at a time into each rank's shard (train/quantized_loading.py); the LoRA adapter is
+    #    FSDP/ZeRO-3 (train/model/placement.py); QLoRA there is a skeleton until step 0, when rank 0 quantizes
+    #    one tensor at a time into each rank's shard (train/model/quantized_loading.py); the LoRA adapter is
     #    applied by the trainer ──
     if config.stage.init_from is None:
         model = build_model(
@@ -160,7 +161,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"\nerror: {error}", file=sys.stderr)  # on a line of its own, after the progress bar
         sys.exit(1)
     if trainer.state.global_step < trainer.state.max_steps:
-        # a stop request (SIGTERM, USR1, the stop file; train/checkpoints.py): the checkpoint is the output
+        # a stop request (SIGTERM, USR1, the stop file; train/run/checkpoints.py): the checkpoint is the
+        # output
         if trainer.is_world_process_zero():
             log.info(
                 "stopped at step %d of %d; resume with training.resume_from_checkpoint=latest",

@@ -13,7 +13,7 @@ model but, for QLoRA, dequantized to bf16, ~4x the memory of the 4-bit base it w
 ~141 GB against ~40 GB), so where training fit, the adapter fits. ``weights=merged`` asks for it.
 
 The model loads on one device, the first GPU or the CPU, in the run's compute dtype
-(``train.model.compute_dtype``: bf16 on a GPU, fp32 on CPU). ``temperature=0`` is greedy decoding.
+(``train.model.build.compute_dtype``: bf16 on a GPU, fp32 on CPU). ``temperature=0`` is greedy decoding.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.config import Config, ConfigError
-from train.outputs import final_dir
-from train.run_dir import CHECKPOINTS_DIR, STOPPED_FILE, complete_checkpoints, run_config
+from train.run.outputs import final_dir
+from train.run.run_dir import CHECKPOINTS_DIR, STOPPED_FILE, complete_checkpoints, run_config
 
 log = logging.getLogger("train.chat")
 
@@ -97,8 +97,14 @@ def load_chat_model(run_dir: Path, weights: Path):
 
     from data import tokenizer_for
     from train.export import base_of
-    from train.model import attention_implementation, build_model, compute_dtype, load_4bit, load_checkpoint
-    from train.placement import Placement
+    from train.model.build import (
+        attention_implementation,
+        build_model,
+        compute_dtype,
+        load_4bit,
+        load_checkpoint,
+    )
+    from train.model.placement import Placement
 
     config = run_config(run_dir)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

@@ -26,7 +26,7 @@ from data.config import (
     source_problems,
     sources_of,
 )
-from train.run_dir import CONFIG_FILE, run_config
+from train.run.run_dir import CONFIG_FILE, run_config
 
 METHODS = ("full", "lora", "qlora")
 STAGES = ("sft", "dpo", "kto")
@@ -46,7 +46,7 @@ STAGE_SETTINGS = {
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
 }
-# The TRL config each stage's ``training.*`` becomes (train/trainer.py), by name: trl takes seconds to
+# The TRL config each stage's ``training.*`` becomes (train/run/trainer.py), by name: trl takes seconds to
 # import, so it is imported only where a key needs it.
 TRL_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
 # Fields of those configs that the run sets from another key, and that key (and stage.* of STAGE_SETTINGS, for
@@ -62,8 +62,8 @@ SET_BY_THE_RUN = {
 }
 STRATEGIES = ("single", "ddp", "fsdp", "zero2", "zero3", "zero3_offload")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# Fields of peft's LoraConfig that the run sets itself (train/model.py build_peft_config, peft's save), and
-# from what.
+# Fields of peft's LoraConfig that the run sets itself (train/model/build.py build_peft_config, peft's save),
+# and from what.
 LORA_SET_BY_THE_RUN = {
     "task_type": "stage.name (TRL trains a causal LM: CAUSAL_LM)",
     "peft_type": "method.name (LoRA)",
@@ -220,7 +220,7 @@ class TrainingConfig:
     max_grad_norm: float = MISSING
     optim: str = MISSING
     max_length: int = MISSING
-    packing: str = "auto"  # auto: packed on a GPU (SFT), not on a CPU; true, false (train/fast_path.py)
+    packing: str = "auto"  # auto: packed on a GPU (SFT), not on a CPU; true, false (train/model/fast_path.py)
     packing_strategy: str = MISSING  # bfd: best-fit decreasing; packed sequences never attend to each other
     use_liger_kernel: str = "auto"  # auto: Liger's RMSNorm/RoPE/SwiGLU kernels where a GPU and liger are
     activation_offloading: bool = False  # TRL: kept activations to CPU memory (GPU only), for long context
@@ -516,8 +516,8 @@ def _stage_problems(config: Config) -> list[str]:
         problems.append(
             "training.precompute_ref_log_probs: TRL scores the reference in the trainer's constructor, "
             "before QLoRA's weights are quantized into each rank's shard at step 0 under "
-            f"{config.launch.strategy} (train/quantized_loading.py); remove it (QLoRA's reference is its "
-            "adapter disabled, scored with each batch) or use launch=ddp"
+            f"{config.launch.strategy} (train/model/quantized_loading.py); remove it (QLoRA's reference is "
+            "its adapter disabled, scored with each batch) or use launch=ddp"
         )
     if stage.init_from is not None:
         problems += _init_problems(config)
@@ -715,8 +715,8 @@ def init_name(value: Any) -> str:
 def adapter_problems(config: Config) -> list[str]:
     """What peft cannot build from ``method.*``, and what a launch or stage cannot run with it, each with the
     reason: data-dependent initializations and DoRA's magnitudes read the base weights when peft wraps the
-    model, which sharded launches do not all hold then (train/placement.py) and which sharded QLoRA fills
-    only at step 0 (train/quantized_loading.py)."""
+    model, which sharded launches do not all hold then (train/model/placement.py) and which sharded QLoRA
+    fills only at step 0 (train/model/quantized_loading.py)."""
     method, strategy = config.method, config.launch.strategy
     if method.name not in ("lora", "qlora"):
         if method.loraplus_lr_ratio is not None:
@@ -727,8 +727,8 @@ def adapter_problems(config: Config) -> list[str]:
     sharded = strategy in ("fsdp", "zero3", "zero3_offload")
     skeleton = method.name == "qlora" and sharded
     at_step_0 = (
-        f"under {strategy} QLoRA's weights are read and quantized at step 0 (train/quantized_loading.py), "
-        "after peft has wrapped the model's empty skeleton"
+        f"under {strategy} QLoRA's weights are read and quantized at step 0 "
+        "(train/model/quantized_loading.py), after peft has wrapped the model's empty skeleton"
     )
     init = init_name(settings.get("init_lora_weights", True))
     problems = _lora_init_problems(config, init, settings, sharded)

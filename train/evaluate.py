@@ -31,7 +31,7 @@ from pathlib import Path
 
 from train.chat import WEIGHTS, choose_weights, key_values, load_chat_model
 from train.config import ConfigError
-from train.run_dir import run_config
+from train.run.run_dir import run_config
 
 log = logging.getLogger("train.evaluate")
 

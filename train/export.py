@@ -13,11 +13,11 @@ bitsandbytes.
 
 The merge runs on the CPU, GPU or not: the base loads into host memory in the run's dtype (a 70B base in
 bf16 needs ~141 GB of RAM, plus ~40 GB of 4-bit weights while a QLoRA base dequantizes), never onto one
-GPU, and is written shard by shard (``train.sharded_save``, ``training.max_shard_size`` per file).
+GPU, and is written shard by shard (``train.model.sharded_save``, ``training.max_shard_size`` per file).
 
 ``format=gguf`` converts the merged checkpoint (``<run>/merged``, merged first when missing or older than
 the adapter; a full run's ``model/``) to ``<out>/model-<type>.gguf`` (default ``<run>/gguf/``), tensor by
-tensor (``train.gguf``): the GGUF pass holds one tensor at a time, never a second copy of the model.
+tensor (``train.model.gguf``): the GGUF pass holds one tensor at a time, never a second copy of the model.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from train.config import Config, ConfigError, ModelConfig
-from train.gguf import DEFAULT_TYPE, GGUFError, check_type, gguf_file_name, safetensors_files
-from train.outputs import final_dir
-from train.run_dir import run_config
+from train.model.gguf import DEFAULT_TYPE, GGUFError, check_type, gguf_file_name, safetensors_files
+from train.run.outputs import final_dir
+from train.run.run_dir import run_config
 
 
 def base_of(config: Config) -> tuple[ModelConfig, int]:
@@ -53,7 +53,7 @@ def adapter_model(run_dir: Path):
     from peft import PeftModel
 
     from data import tokenizer_for
-    from train.model import build_model, compute_dtype, load_4bit
+    from train.model.build import build_model, compute_dtype, load_4bit
 
     config = run_config(run_dir)
     adapter = final_dir(run_dir, config.method.name)
@@ -93,8 +93,8 @@ def merged_model(run_dir: Path):
 def export(run_dir: Path, out: Path | None = None) -> Path:
     """Write the merged checkpoint (safetensors shards, in the run's dtype) and tokenizer to ``out``
     (default ``<run>/merged``)."""
-    from train.model import compute_dtype
-    from train.sharded_save import save_full_model
+    from train.model.build import compute_dtype
+    from train.model.sharded_save import save_full_model
 
     out = out or run_dir / "merged"
     config = run_config(run_dir)
@@ -145,7 +145,7 @@ def newest_weight(directory: Path) -> float:
 def export_gguf(run_dir: Path, out: Path | None = None, type: str = DEFAULT_TYPE) -> Path:
     """Write the run's merged model as ``<out>/model-<type>.gguf`` (default ``<run>/gguf/``), merging the
     adapter first if needed (``gguf_source``); returns the file's path."""
-    from train.gguf import write_gguf
+    from train.model.gguf import write_gguf
 
     check_type(type)
     source = gguf_source(run_dir)

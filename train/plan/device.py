@@ -24,7 +24,7 @@ _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.lim
 class Device:
     kind: str  # "cuda" or "cpu"
     memory_bytes: int  # one GPU's memory; on a CPU the host RAM, shared by the node's processes
-    compute_dtype: str  # what model.dtype=auto computes in here (train/model.py compute_dtype)
+    compute_dtype: str  # what model.dtype=auto computes in here (train/model/build.py compute_dtype)
     name: str  # how a message names it
 
     @classmethod
@@ -40,7 +40,8 @@ class Device:
     @classmethod
     def local(cls) -> Device:
         """This machine: its CUDA GPU's total memory (all GPUs of a node assumed alike), in bf16 where the
-        GPU has it; without one, host RAM (``host_memory_bytes``) in fp32, as train/model.py computes."""
+        GPU has it; without one, host RAM (``host_memory_bytes``) in fp32, as train/model/build.py
+        computes."""
         import torch
 
         if torch.cuda.is_available():

@@ -25,10 +25,10 @@ def plan_run(config: Config, device: Device, usable_fraction: float = 0.9) -> Me
 
 
 def planned_kernels(config: Config, device: Device) -> Kernels:
-    """The fast path a run on ``device`` takes (train/fast_path.py ``resolve``: ``auto`` decided for a GPU
-    or not; Liger and flash-attn as installed here, so a plan made on a login node without them counts the
+    """The fast path a run on ``device`` takes (train/model/fast_path.py ``resolve``: ``auto`` decided for a
+    GPU or not; Liger and flash-attn as installed here, so a plan made on a login node without them counts the
     plainer path, which needs more memory)."""
-    from train.fast_path import attention, resolve
+    from train.model.fast_path import attention, resolve
 
     on_gpu, cp = device.kind == "cuda", config.launch.cp_size
     chosen = attention(config.model.attn_implementation, on_gpu)

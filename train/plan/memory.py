@@ -154,7 +154,7 @@ def fp32_residual(method: MethodConfig, strategy: str) -> bool:
     """Whether embeddings and norms are fp32 as the forward sees them, so the residual stream is fp32: full
     fine-tuning under single/ddp (fp32 weights under autocast: embedding lookups and norm products are not
     autocast ops). QLoRA's frozen embeddings and norms stay in the compute dtype
-    (``train.model.prepare_4bit_for_training``), and so does its residual stream."""
+    (``train.model.build.prepare_4bit_for_training``), and so does its residual stream."""
     return method.name == "full" and strategy in ("single", "ddp")
 
 
@@ -169,7 +169,8 @@ def autocast_copy_bytes(model: ModelConfig, method: MethodConfig, strategy: str)
 
 @dataclass(frozen=True)
 class Kernels:
-    """What the fast path (train/fast_path.py) changes in what a step keeps, as the planner counts it."""
+    """What the fast path (train/model/fast_path.py) changes in what a step keeps, as the planner counts
+    it."""
 
     liger: bool = False  # Liger's RMSNorm and SwiGLU kernels
     offload: bool = False  # TRL's activation offloading
@@ -335,7 +336,7 @@ def lm_head_bytes(
 
 
 # ── the reference model of DPO/KTO ──────────────────────────────────────────────────────
-# What a preference stage keeps to score its reference policy (train/preference.py), in words.
+# What a preference stage keeps to score its reference policy (train/run/preference.py), in words.
 REFERENCES = {
     "none": "none (stage=sft has no reference model)",
     "weights": "a second, frozen copy of the weights in the compute dtype (full fine-tuning's ref_model)",
@@ -385,8 +386,8 @@ _BACKWARD = ("autocast_copies", "activations", "dora_norm", "attention_mask", "l
 
 def frozen_bytes(model: ModelConfig, method: MethodConfig) -> int:
     """The base weights LoRA/QLoRA freeze: the compute dtype (LoRA); NF4 decoder Linears and the rest
-    (embeddings, LM head, norms) in the compute dtype (QLoRA, ``train.model.prepare_4bit_for_training``).
-    Full fine-tuning freezes nothing."""
+    (embeddings, LM head, norms) in the compute dtype (QLoRA,
+    ``train.model.build.prepare_4bit_for_training``). Full fine-tuning freezes nothing."""
     if method.name == "full":
         return 0
     if method.name == "qlora":
@@ -517,7 +518,7 @@ def load_transient_bytes(
     Linear from a copy in the compute dtype on the device (the largest Linear). FSDP, ZeRO-3: one whole
     tensor in flight, the largest (LM head or a Linear) in the dtype it loads in: accelerate's broadcast
     and each rank's cut of it (FSDP), the gathered parameter (ZeRO-3); the same for QLoRA, whose tensors
-    rank 0 quantizes at step 0 (train/quantized_loading.py). On a CPU, ZeRO-3 QLoRA's rank 0 holds the
+    rank 0 quantizes at step 0 (train/model/quantized_loading.py). On a CPU, ZeRO-3 QLoRA's rank 0 holds the
     tensor it read beside the gathered parameter it copies it into: two."""
     compute = compute_bytes(model)
     if strategy in ("single", "ddp", "zero2"):
@@ -543,11 +544,11 @@ def host_bytes_per_node(
     state dict). Full fine-tuning loads fp32 under torch engines (accelerate's FSDP2 upcasts a bf16 load
     to fp32 on rank 0 before sharding), the compute dtype under DeepSpeed; LoRA loads its base in the
     compute dtype. QLoRA holds nothing whole on the host: each process that reads (every process under
-    single/ddp/zero2; rank 0 alone under FSDP/ZeRO-3, train/quantized_loading.py) holds the tensor it is
+    single/ddp/zero2; rank 0 alone under FSDP/ZeRO-3, train/model/quantized_loading.py) holds the tensor it is
     quantizing onto its device, one at a time (``load_transient_bytes``). A full fine-tune's DPO reference
     is a second copy under the same rule.
     Save: full fine-tuning streams the weights in the compute dtype through one writing process (global
-    rank 0, train/sharded_save.py) that holds one safetensors file at a time: at most
+    rank 0, train/model/sharded_save.py) that holds one safetensors file at a time: at most
     ``SAVE_SHARD_BYTES``, or one tensor when a tensor is bigger; an adapter is small, fp32.
     """
     compute, params = compute_bytes(model), count_parameters(model)

@@ -104,7 +104,7 @@ def _kernels_line(plan: MemoryPlan) -> str:
         f"Liger kernels {'on' if kernels['liger'] else 'off'}, activation offloading "
         f"{'on' if kernels['offload'] else 'off'}, "
         + ("packed rows under sdpa (a seq² mask per row)" if kernels["packed_mask"] else "no dense mask")
-        + " (train/fast_path.py)"
+        + " (train/model/fast_path.py)"
     )
 
 

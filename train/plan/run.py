@@ -228,7 +228,7 @@ def _assumptions(requested, model, method, strategy, optim, usable: float, devic
         "full": "",
         "lora": f"frozen base in {compute}; ",
         "qlora": f"frozen base: NF4 decoder Linears (double quant); embeddings, LM head and norms in "
-        f"{compute} (train.model.prepare_4bit_for_training); ",
+        f"{compute} (train.model.build.prepare_4bit_for_training); ",
     }[method.name]
     return (
         f"compute dtype {compute} on the {on} (model.dtype={requested.dtype}); sdpa/flash attention, so no "

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
-from train.run_dir import CONFIG_FILE
+from train.run.run_dir import CONFIG_FILE
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
@@ -86,7 +86,7 @@ def reset_peak_memory() -> None:
     heap returned to the OS (malloc_trim), then the kernel's high-water mark reset (/proc/self/clear_refs)."""
     import torch
 
-    from train.placement import release_freed_host_memory
+    from train.model.placement import release_freed_host_memory
 
     release_freed_host_memory()
     if torch.cuda.is_available():

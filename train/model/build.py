@@ -23,9 +23,9 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from data.tokenizer import stop_token_ids
 from train.config import MethodConfig, ModelConfig, lora_settings
-from train.fast_path import attention
-from train.placement import Placement, release_freed_host_memory
-from train.quantized_loading import QUANTIZED_LOAD, partition_for_zero3, quantized_skeleton
+from train.model.fast_path import attention
+from train.model.placement import Placement, release_freed_host_memory
+from train.model.quantized_loading import QUANTIZED_LOAD, partition_for_zero3, quantized_skeleton
 
 log = logging.getLogger("train")
 
@@ -46,7 +46,7 @@ def compute_dtype_of(args) -> torch.dtype:
 
 def attention_implementation(requested: str) -> str:
     """``auto``: FlashAttention-2 on a GPU when flash-attn is installed, else PyTorch's sdpa
-    (``train.fast_path.attention``, for this machine)."""
+    (``train.model.fast_path.attention``, for this machine)."""
     return attention(requested, torch.cuda.is_available())
 
 
@@ -86,7 +86,7 @@ def build_model(
     through bitsandbytes as 4-bit NF4 with ``dtype`` compute onto this process's device
     (``placement``), frozen as loaded (``prepare_4bit_for_training``); random weights take the
     same path, saved once to a temporary checkpoint first. Weights are stored in ``weights_dtype``.
-    Call it after ``train.placement.place_processes``: that is what makes FSDP read the checkpoint on
+    Call it after ``train.model.placement.place_processes``: that is what makes FSDP read the checkpoint on
     one rank per node and ZeRO-3 partition it while reading.
     """
     if method is not None and method.load_in_4bit:
@@ -112,7 +112,7 @@ def prepare_4bit_for_training(model: PreTrainedModel, gradient_checkpointing: bo
     these weights in bf16, and its reference RMSNorm multiplies a bf16 weight as transformers' does (the
     variance is fp32 either way). Keeping even the norms in fp32 would make the final norm's output fp32,
     which the bf16 LM head refuses outside autocast (generation at each eval): measured. The adapters are
-    fp32 (``train.trainer.keep_adapters_fp32``). With gradient checkpointing the embeddings' output must
+    fp32 (``train.run.trainer.keep_adapters_fp32``). With gradient checkpointing the embeddings' output must
     require grad, or a reentrant checkpoint of a frozen first layer has nothing to differentiate (what peft
     does too); the trainer turns the checkpointing on."""
     for parameter in model.parameters():
@@ -165,7 +165,7 @@ def hub_kernels_asked() -> bool:
     on by default in ``from_pretrained`` (modeling_utils.py:4422, ``USE_HUB_KERNELS`` defaults to YES) and on
     CUDA swaps RMSNorm and RoPE for ``kernels-community`` layers downloaded from the Hub, again at each
     ``model.train()`` (:5096): unpinned code from the network, and a failed load or first step on a node
-    without Hub access. Off unless asked; the fast path's kernels are Liger's (train/fast_path.py)."""
+    without Hub access. Off unless asked; the fast path's kernels are Liger's (train/model/fast_path.py)."""
     return os.environ.get("USE_HUB_KERNELS", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
@@ -194,7 +194,7 @@ def load_4bit(
 
     Under FSDP and ZeRO-3 (``placement.shards_4bit``) no rank quantizes the whole model: this returns the
     quantized model's skeleton, and at step 0, once the engine has sharded it, rank 0 reads and quantizes
-    one tensor at a time and each rank keeps its shard (train/quantized_loading.py)."""
+    one tensor at a time and each rank keeps its shard (train/model/quantized_loading.py)."""
     from transformers import BitsAndBytesConfig
 
     settings = {}

@@ -15,7 +15,7 @@ model loaded before that misses all of it (transformers 5.25, accelerate 1.15, r
   (``DeepSpeedPlugin.set_deepspeed_weakref``) when ``accelerate launch`` set ``ACCELERATE_USE_DEEPSPEED``.
 
 So the run builds its TRL arguments first and calls ``place_processes`` with them: one step, here, that
-makes all three true before ``train.model`` loads anything.
+makes all three true before ``train.model.build`` loads anything.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
 
 from train.config import ConfigError, LaunchConfig
-from train.launch_env import launched_with_deepspeed, launched_with_fsdp, started_by_launcher
+from train.run.launch_env import launched_with_deepspeed, launched_with_fsdp, started_by_launcher
 
 log = logging.getLogger("train")
 
@@ -70,7 +70,8 @@ class Placement:
     @property
     def shards_4bit(self) -> bool:
         """QLoRA's 4-bit weights are sharded by the engine (FSDP, ZeRO-3): then no rank quantizes the whole
-        model; rank 0 quantizes one tensor at a time into each rank's shard (train/quantized_loading.py)."""
+        model; rank 0 quantizes one tensor at a time into each rank's shard
+        (train/model/quantized_loading.py)."""
         sharded = self.engine == "FSDP" or self.zero3_init
         return sharded and torch.distributed.is_available() and torch.distributed.is_initialized()
 

@@ -33,11 +33,11 @@ from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
 
 from train.config import Config
 from train.export import base_of, merged_model
-from train.model import build_model, build_peft_config, compute_dtype_of, load_checkpoint, weights_dtype
-from train.outputs import METRICS_FILE, MetricsJsonl, final_dir
-from train.placement import Placement
-from train.run_dir import run_config
-from train.trainer import ShardedOnCpu, configure_wandb, evaluates_on, keep_adapters_fp32, watch_run
+from train.model.build import build_model, build_peft_config, compute_dtype_of, load_checkpoint, weights_dtype
+from train.model.placement import Placement
+from train.run.outputs import METRICS_FILE, MetricsJsonl, final_dir
+from train.run.run_dir import run_config
+from train.run.trainer import ShardedOnCpu, configure_wandb, evaluates_on, keep_adapters_fp32, watch_run
 
 
 class LlamaDPOTrainer(ShardedOnCpu, DPOTrainer):
@@ -205,8 +205,8 @@ def init_model(config: Config, tokenizer, dtype: torch.dtype, placement: Placeme
       copy of it, so the reference is exactly the SFT policy at an adapter's cost);
     - it trained an adapter and this run is full fine-tuning: the adapter merged into its base
       (``train.export.merged_model``; a QLoRA base is dequantized), stored as ``build_model`` stores full
-      weights (``train.model.weights_dtype``): fp32 under one process or DDP, where the weights are their
-      own master copy, ``dtype`` under FSDP/DeepSpeed, whose engines keep the fp32 master.
+      weights (``train.model.build.weights_dtype``): fp32 under one process or DDP, where the weights are
+      their own master copy, ``dtype`` under FSDP/DeepSpeed, whose engines keep the fp32 master.
     """
     start = Path(config.stage.init_from)
     previous = run_config(start)
@@ -265,8 +265,8 @@ def build_preference_trainer(
     eval_dataset: Dataset | None = None,
 ):
     """TRL's trainer for ``stage.name`` (dpo or kto) on prepared preference rows, with ``args`` from
-    ``train.trainer.training_args`` (``stage.*`` as DPOConfig/KTOConfig settings) and the callbacks every run
-    has (metrics, launch check, checkpoints)."""
+    ``train.run.trainer.training_args`` (``stage.*`` as DPOConfig/KTOConfig settings) and the callbacks every
+    run has (metrics, launch check, checkpoints)."""
     if "wandb" in config.training.report_to:
         configure_wandb(config, run_dir)
     evaluates_on(eval_dataset, args)

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from train.model import compute_dtype_of
+from train.model.build import compute_dtype_of
 
 log = logging.getLogger("train")
 
@@ -125,7 +125,7 @@ def save_adapter(model, output_dir: str | Path, *, is_writer: bool) -> None:
                     adapters[name] = tensor.detach().to("cpu", copy=True)
     if is_writer:
         model.save_pretrained(output_dir, state_dict=adapters)
-        # peft writes no generation_config.json; the base's says where generation stops (train.model)
+        # peft writes no generation_config.json; the base's says where generation stops (train.model.build)
         model.get_base_model().generation_config.save_pretrained(output_dir)
         if from_master:
             log.info(

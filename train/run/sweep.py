@@ -39,7 +39,10 @@ def searching(hydra_config) -> bool:
 
 def sweep_rows(sweep_dir: Path) -> list[dict]:
     """One row per point directory (those Hydra numbered 0, 1, ...); a point that did not finish says so."""
-    from train.outputs import METRICS_FILE, read_metrics  # here: Hydra loads this callback before every run
+    from train.run.outputs import (  # here: Hydra loads this callback before every run
+        METRICS_FILE,
+        read_metrics,
+    )
 
     rows = []
     for run_dir in sorted((d for d in sweep_dir.iterdir() if d.name.isdigit()), key=lambda d: int(d.name)):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from train.run_dir import (
+from train.run.run_dir import (
     COMPLETE_MARKER,
     DAMAGED_SUFFIX,
     STOP_FILE,

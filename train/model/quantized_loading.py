@@ -45,7 +45,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, BitsAndBytesConfig, GenerationConfig, PreTrainedModel, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from train.placement import trim_heap
+from train.model.placement import trim_heap
 
 log = logging.getLogger("train")
 
@@ -227,7 +227,7 @@ def _keep_shard(parameter: torch.nn.Parameter, value: torch.Tensor | None, rank:
         else:
             raise RuntimeError(
                 f"a {type(parameter).__name__} the engine did not shard: the QLoRA skeleton must be sharded "
-                "by FSDP or ZeRO-3 before its weights load (train/quantized_loading.py)"
+                "by FSDP or ZeRO-3 before its weights load (train/model/quantized_loading.py)"
             )
 
 

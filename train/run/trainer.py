@@ -1,5 +1,5 @@
 """The TRL trainer for a run: its arguments from ``training.*`` (same names) plus what the device decides,
-SFTTrainer for stage=sft (train/preference.py has DPO/KTO), and what every stage's run attaches to it."""
+SFTTrainer for stage=sft (train/run/preference.py has DPO/KTO), and what every stage's run attaches to it."""
 
 from __future__ import annotations
 
@@ -15,26 +15,26 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
-from train.checkpoints import CompleteCheckpoints, out_of_space, resume_point, space_error
 from train.config import STAGE_SETTINGS, TRL_CONFIGS, Config, trl_settings
-from train.fast_path import fast_path
-from train.launch_check import LaunchCheck
-from train.model import attention_implementation, build_peft_config
-from train.outputs import METRICS_FILE, MetricsJsonl
-from train.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
+from train.model.build import attention_implementation, build_peft_config
+from train.model.fast_path import fast_path
+from train.model.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
+from train.model.quantized_loading import QUANTIZED_LOAD, LoadQuantizedShards
 from train.plan.architecture import LINEARS
-from train.quantized_loading import QUANTIZED_LOAD, LoadQuantizedShards
-from train.run_dir import CHECKPOINTS_DIR
-from train.samples import SAMPLES_FILE, SampleGenerations, sample_prompts
-from train.state_bytes import StateBytes
+from train.run.checkpoints import CompleteCheckpoints, out_of_space, resume_point, space_error
+from train.run.launch_check import LaunchCheck
+from train.run.outputs import METRICS_FILE, MetricsJsonl
+from train.run.run_dir import CHECKPOINTS_DIR
+from train.run.samples import SAMPLES_FILE, SampleGenerations, sample_prompts
+from train.run.state_bytes import StateBytes
 
 
 def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> TrainingArguments:
     """``training.*`` (and ``stage.*`` for dpo/kto) mapped by name onto the stage's TRL config:
     ``SFTConfig``, ``DPOConfig`` or ``KTOConfig`` (which have no packing), the typed settings and those passed
     through (``train.config.trl_settings``); precision, device and the fast path's ``auto`` switches
-    (train/fast_path.py; ConfigError for one that cannot run here) follow the device. Built before the
-    model: creating it creates accelerate's state (train/placement.py)."""
+    (train/model/fast_path.py; ConfigError for one that cannot run here) follow the device. Built before the
+    model: creating it creates accelerate's state (train/model/placement.py)."""
     stage = config.stage.name
     training = trl_settings(config.training)
     for not_trl_config in (
@@ -45,7 +45,8 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
     ):
         training.pop(not_trl_config)
     # Trainer would rotate checkpoints before the COMPLETE marker is written (by mtime): a kill in between
-    # could leave no complete one. train/checkpoints.py rotates after the marker, by step, complete ones only.
+    # could leave no complete one. train/run/checkpoints.py rotates after the marker, by step, complete ones
+    # only.
     training["save_total_limit"] = None
     settings = {key: getattr(config.stage, key) for key, stages in STAGE_SETTINGS.items() if stage in stages}
     if "eval_strategy" not in training:  # evaluate when there is something to evaluate on (data.eval_*)
@@ -142,9 +143,10 @@ class ShardedOnCpu(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (``_internal_call``) stay Trainer's, sharded. The final ``adapter/`` or ``model/`` is
-        written by ``train.sharded_save``, one tensor gathered at a time, so no process ever holds the whole
-        model (FSDP's FULL_STATE_DICT, DeepSpeed's 16-bit consolidation would put all of it on rank 0)."""
-        from train.sharded_save import MAX_SHARD_SIZE, save_final
+        written by ``train.model.sharded_save``, one tensor gathered at a time, so no process ever holds the
+        whole model (FSDP's FULL_STATE_DICT, DeepSpeed's 16-bit consolidation would put all of it on rank
+        0)."""
+        from train.model.sharded_save import MAX_SHARD_SIZE, save_final
 
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not _internal_call:
@@ -164,7 +166,7 @@ class ShardedOnCpu(Trainer):
         super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """A full disk stops the run with what it needs (train/checkpoints.py), not a torch traceback."""
+        """A full disk stops the run with what it needs (train/run/checkpoints.py), not a torch traceback."""
         try:
             super()._save_checkpoint(model, trial)
         except Exception as error:
@@ -333,7 +335,7 @@ def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
 
 def resume_checkpoint(config: Config, run_dir: Path, trainer: Trainer) -> str | None:
     """``training.resume_from_checkpoint``: a directory, or ``latest``: this run's newest complete one whose
-    files still match what was written (train/checkpoints.py ``resume_point``)."""
+    files still match what was written (train/run/checkpoints.py ``resume_point``)."""
     resume = config.training.resume_from_checkpoint
     if resume == "latest":
         latest = resume_point(run_dir / CHECKPOINTS_DIR, trainer.accelerator)

@@ -3,8 +3,8 @@ loads: how many processes on how many machines, and which engine (DDP, FSDP, Dee
 
 A TRL user types ``accelerate launch --config_file their_fsdp.yaml --num_processes 8 -m train model=70b``.
 Without ``launch=``, the run takes that launch as its own (and plans it); with an explicit ``launch=`` that
-says otherwise, it refuses now, before any weight loads, instead of at step 0 (train/launch_check.py, still
-the proof of what really ran). Environment names: accelerate 1.15 ``utils/launch.py``, torchrun's
+says otherwise, it refuses now, before any weight loads, instead of at step 0 (train/run/launch_check.py,
+still the proof of what really ran). Environment names: accelerate 1.15 ``utils/launch.py``, torchrun's
 ``WORLD_SIZE``/``LOCAL_WORLD_SIZE``.
 """
 
