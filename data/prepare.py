@@ -44,6 +44,7 @@ from data.preference import load_preferences, unpaired
 from data.readers import ReadResult, check_messages_field, load_conversations
 from data.rows import (
     ENCODER_VERSION,
+    PAIRED,
     PREFERENCE_VERSION,
     check_settings,
     encode_conversations,
@@ -196,14 +197,14 @@ def prepare_preferences(
     """Preference rows (``data.rows``): loaded from the cache, or read, encoded and saved there.
 
     ``objective="kto"`` takes pairs too, unpaired as TRL's KTOTrainer would (``data.preference.unpaired``);
-    ``objective="dpo"`` needs pairs, so ``format="kto"`` fails before reading.
+    ``objective="dpo"`` and ``"rm"`` need pairs, so ``format="kto"`` fails before reading.
     """
     check_settings(overflow, objective)
-    if objective == "dpo" and format == "kto":
+    if objective in PAIRED and format == "kto":
         raise DataError(
             "not pairs",
-            f"{path}: format 'kto' holds single completions with a label, and DPO trains on pairs; "
-            "use a pair format (preference, oasst_messages, oasst_trees) or train KTO",
+            f"{path}: format 'kto' holds single completions with a label, and {objective.upper()} trains on "
+            "pairs; use a pair format (preference, oasst_messages, oasst_trees) or train KTO",
         )
     settings = {
         "format": format, "objective": objective, "lang": lang, "pairs_per_prompt": pairs_per_prompt,

@@ -7,7 +7,9 @@ the conversation.
 Preference records become what TRL's own tokenisation would produce, made by our exact encoder instead:
 
 - ``objective="dpo"``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (TRL's DataCollatorForPreference);
-- ``objective="kto"``: ``prompt_ids``, ``completion_ids``, ``label`` (DataCollatorForUnpairedPreference).
+- ``objective="kto"``: ``prompt_ids``, ``completion_ids``, ``label`` (DataCollatorForUnpairedPreference);
+- ``objective="rm"``: ``chosen_ids``, ``rejected_ids``, each the whole sequence, prompt and completion (TRL's
+  RewardTrainer takes such rows as they are: its ``DataCollatorForPreference`` scores each sequence).
 
 ``prompt_ids`` end on the assistant header, as the template's generation prompt does, and a completion's
 ids are its content and ``<|eot_id|>``, so ``prompt_ids + chosen_ids == encode_chat(prompt + chosen)``.
@@ -49,7 +51,8 @@ from data.sources import DataError
 from data.summary import PreferenceSummary, PrepareSummary, length_histogram
 
 OVERFLOW_POLICIES = ("truncate", "drop")
-OBJECTIVES = ("dpo", "kto")  # the preference objectives; sft trains on chats
+OBJECTIVES = ("dpo", "kto", "rm")  # the preference objectives; sft trains on chats
+PAIRED = ("dpo", "rm")  # the objectives that train on pairs
 # Part of each prepared dataset's cache key: bumped whenever the readers, encode_chat or the rows written
 # here change (chats: ENCODER_VERSION; preference rows: PREFERENCE_VERSION), so stale caches are not reused.
 ENCODER_VERSION = "5"  # 5: per-conversation tools/builtin_tools; 4: the group column (data.held_out)
@@ -330,7 +333,7 @@ def encode_preference_records(
     """Encode records into the rows of ``objective`` (see the module); cut or drop rows over max_length.
     ``groups`` (one per record, ``data.held_out``) become a ``group`` column of the rows kept."""
     check_settings(overflow, objective)
-    completions = ("chosen", "rejected") if objective == "dpo" else ("completion",)
+    completions = ("chosen", "rejected") if objective in PAIRED else ("completion",)
     if records and completions[0] not in records[0]:
         raise ValueError(f"{objective} needs records with {', '.join(completions)}; unpair pairs for kto")
     columns: dict[str, list] = {"prompt_ids": [], **{f"{name}_ids": [] for name in completions}, "label": []}
@@ -365,6 +368,13 @@ def encode_preference_records(
     }
     if objective == "kto":
         table["label"] = pa.array(columns["label"], pa.bool_())
+    if objective == "rm":  # whole sequences: prompt + completion
+        del table["prompt_ids"]
+        for name in completions:
+            table[f"{name}_ids"] = pa.array(
+                [p + c for p, c in zip(columns["prompt_ids"], columns[f"{name}_ids"], strict=True)],
+                pa.list_(pa.int32()),
+            )
     if groups is not None:
         table[GROUP] = pa.array(kept_groups, pa.int64())
     return Dataset(pa.table(table)), summary

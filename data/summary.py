@@ -55,7 +55,7 @@ class PreferenceSummary:
     held_out: str = ""  # what evaluates the run, when something does (data.prepare_from_config)
 
     def __str__(self) -> str:
-        kind = "pairs" if self.objective == "dpo" else "completions"
+        kind = "pairs" if self.objective in ("dpo", "rm") else "completions"
         lines = [
             f"{self.source}",
             f"  {self.rows} {kind}, {self.prompt_tokens:,} prompt tokens, "

@@ -97,6 +97,7 @@ def main(cfg: DictConfig) -> float | None:
         save_resolved_config,
     )  # fmt: skip
     from train.run.preference import build_preference_trainer, init_model
+    from train.run.reward import build_reward_trainer, reward_model
     from train.run.sweep import objective
     from train.run.trainer import build_trainer, resume_checkpoint, training_args
 
@@ -137,7 +138,9 @@ def main(cfg: DictConfig) -> float | None:
     #    FSDP/ZeRO-3 (train/model/placement.py); QLoRA there is a skeleton until step 0, when rank 0 quantizes
     #    one tensor at a time into each rank's shard (train/model/quantized_loading.py); the LoRA adapter is
     #    applied by the trainer ──
-    if config.stage.init_from is None:
+    if stage == "rm":  # the decoder under a reward head
+        model = reward_model(config, tokenizer, dtype, placement)
+    elif config.stage.init_from is None:
         model = build_model(
             config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method,
             placement=placement,
@@ -145,9 +148,11 @@ def main(cfg: DictConfig) -> float | None:
     else:
         model = init_model(config, tokenizer, dtype, placement)
 
-    # ── train: SFTTrainer, or DPOTrainer / KTOTrainer; each checks its launch at step 0 ──
+    # ── train: SFTTrainer, DPOTrainer / KTOTrainer or RewardTrainer; each checks its launch at step 0 ──
     if stage == "sft":
         trainer = build_trainer(config, model, tokenizer, dataset, run_dir, args, eval_dataset)
+    elif stage == "rm":
+        trainer = build_reward_trainer(config, model, tokenizer, dataset, run_dir, args, eval_dataset)
     else:
         trainer = build_preference_trainer(
             config, model, tokenizer, dataset, run_dir, args, placement, eval_dataset

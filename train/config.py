@@ -29,14 +29,15 @@ from data.config import (
 from train.run.run_dir import CONFIG_FILE, run_config
 
 METHODS = ("full", "lora", "qlora")
-STAGES = ("sft", "dpo", "kto")
+STAGES = ("sft", "dpo", "kto", "rm")
 # What each stage trains on (data.readers.FORMATS, data.preference.PREFERENCE_FORMATS): OpenAssistant trees
-# give chat threads to SFT and ranked reply pairs to DPO/KTO; KTO also takes pairs, unpaired as TRL does.
+# give chat threads to SFT and ranked reply pairs to DPO/KTO/RM; KTO also takes pairs, unpaired as TRL does.
 STAGE_FORMATS = {
     "sft": ("messages", "sharegpt", "alpaca", "prompt_completion", "oasst_messages", "oasst_trees",
             "oasst_top1", "guanaco"),
     "dpo": ("preference", "oasst_messages", "oasst_trees"),
     "kto": ("kto", "preference", "oasst_messages", "oasst_trees"),
+    "rm": ("preference", "oasst_messages", "oasst_trees"),
 }  # fmt: skip
 # Stage settings under TRL's DPOConfig / KTOConfig names, and the stages that have each.
 STAGE_SETTINGS = {
@@ -48,7 +49,7 @@ STAGE_SETTINGS = {
 }
 # The TRL config each stage's ``training.*`` becomes (train/run/trainer.py), by name: trl takes seconds to
 # import, so it is imported only where a key needs it.
-TRL_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
+TRL_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig", "rm": "RewardConfig"}
 # Fields of those configs that the run sets from another key, and that key (and stage.* of STAGE_SETTINGS, for
 # the stages that have each: SFTConfig has a loss_type of its own).
 SET_BY_THE_RUN = {
@@ -65,7 +66,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Fields of peft's LoraConfig that the run sets itself (train/model/build.py build_peft_config, peft's save),
 # and from what.
 LORA_SET_BY_THE_RUN = {
-    "task_type": "stage.name (TRL trains a causal LM: CAUSAL_LM)",
+    "task_type": "stage.name (a causal LM: CAUSAL_LM; stage=rm, a reward model: SEQ_CLS)",
     "peft_type": "method.name (LoRA)",
     "inference_mode": "the stage (it trains; peft saves the adapter with inference_mode true)",
     "base_model_name_or_path": "model.path (peft records it when it saves)",
@@ -250,14 +251,17 @@ def open_training() -> DictConfig:
 
 @dataclass
 class StageConfig:
-    """What trains: ``sft`` (TRL's SFTTrainer), ``dpo`` (DPOTrainer) or ``kto`` (KTOTrainer).
+    """What trains: ``sft`` (TRL's SFTTrainer), ``dpo`` (DPOTrainer), ``kto`` (KTOTrainer) or ``rm`` (a reward
+    model: RewardTrainer).
 
     The preference settings are ``DPOConfig``/``KTOConfig`` fields under their own names (``STAGE_SETTINGS``);
     None where the stage has no such setting.
     """
 
     name: str = "sft"  # a default, not MISSING: run directories written before stages existed are sft runs
-    init_from: str | None = None  # dpo/kto: a finished run directory to start from (its adapter/ or model/)
+    init_from: str | None = (
+        None  # dpo/kto/rm: a finished run directory to start from (its adapter/ or model/)
+    )
     init_config: str | None = None  # the config.yaml of init_from's run, resolved from it (a record)
     beta: float | None = None
     loss_type: Any = None  # dpo: a list of DPOConfig loss types; kto: kto or apo_zero_unpaired
@@ -488,7 +492,7 @@ def _stage_problems(config: Config) -> list[str]:
             "data.min_rank_gap": data.min_rank_gap != 1,
         }
         problems += [
-            f"{key}: mines preference pairs from OpenAssistant trees, for stage=dpo or kto; remove it"
+            f"{key}: mines preference pairs from OpenAssistant trees, for stage=dpo, kto or rm; remove it"
             for key, is_set in mined.items()
             if is_set
         ]
@@ -519,6 +523,13 @@ def _stage_problems(config: Config) -> list[str]:
             f"{config.launch.strategy} (train/model/quantized_loading.py); remove it (QLoRA's reference is "
             "its adapter disabled, scored with each batch) or use launch=ddp"
         )
+    if stage.name == "rm" and sharded_4bit:
+        problems.append(
+            f"method=qlora with stage=rm under {config.launch.strategy}: QLoRA's weights are read into "
+            "each rank's shard at step 0 from the base checkpoint (train/model/quantized_loading.py), which "
+            "has no reward head; use launch=ddp (each rank quantizes the model), or method=lora under "
+            f"{config.launch.strategy}"
+        )
     if stage.init_from is not None:
         problems += _init_problems(config)
     return problems
@@ -540,6 +551,7 @@ _STAGE_DATA = {
     "sft": "chats (data=sample, or the threads of OpenAssistant trees)",
     "dpo": "preference pairs (data=preference_sample, or pairs mined from OpenAssistant trees)",
     "kto": "labelled completions (data=kto_sample) or pairs, which it unpairs",
+    "rm": "preference pairs (data=preference_sample, or pairs mined from OpenAssistant trees)",
 }
 
 
@@ -557,7 +569,7 @@ def _init_problems(config: Config) -> list[str]:
     start = Path(stage.init_from)
     key = "stage.init_from"
     if stage.name == "sft":
-        return [f"{key}: starting from another run is for stage=dpo or kto; remove it"]
+        return [f"{key}: starting from another run is for stage=dpo, kto or rm; remove it"]
     if not start.is_dir():
         return [f"{key}: {start} is not a directory; point it at a finished SFT run (outputs/<date>/<time>)"]
     if not (start / CONFIG_FILE).is_file():
@@ -579,7 +591,14 @@ def _init_problems(config: Config) -> list[str]:
         for name in _ARCHITECTURE
         if getattr(previous.model, name) != getattr(model, name)
     ]
-    if previous.method.name != "full" and method.name not in (previous.method.name, "full"):
+    continues = method.name in (previous.method.name, "full")  # the adapter trains on, or is merged
+    if stage.name == "rm" and previous.method.name != "full" and method.name == "qlora":
+        problems.append(
+            f"method=qlora: {start} trained a {previous.method.name} adapter; a reward model starts from it "
+            "merged into its base, which is not quantized again here; use method=lora or full, or export the "
+            f"merged model (python -m train.export run={start}) and start from it with model.path"
+        )
+    elif stage.name != "rm" and previous.method.name != "full" and not continues:
         problems.append(
             f"method: {start} trained a {previous.method.name} adapter, which goes on training with "
             f"method={previous.method.name} (or is merged for method=full), not method={method.name}"

@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
-from transformers.modeling_utils import remove_tied_weights_from_state_dict
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+)
+from transformers.modeling_utils import remove_tied_weights_from_state_dict, set_zero3_state
 
 from data.tokenizer import stop_token_ids
 from train.config import MethodConfig, ModelConfig, lora_settings
@@ -78,6 +85,7 @@ def build_model(
     seed: int,
     method: MethodConfig | None = None,
     placement: Placement | None = None,
+    reward: bool = False,
 ) -> PreTrainedModel:
     """The base model: from ``model.path`` (safetensors only, no remote code) or random weights.
 
@@ -88,19 +96,50 @@ def build_model(
     same path, saved once to a temporary checkpoint first. Weights are stored in ``weights_dtype``.
     Call it after ``train.model.placement.place_processes``: that is what makes FSDP read the checkpoint on
     one rank per node and ZeRO-3 partition it while reading.
+
+    ``reward``: a reward model (stage=rm), the same decoder under a ``score`` head of one output in place of
+    the LM head (transformers' ``LlamaForSequenceClassification``, what TRL's RewardTrainer trains): the head
+    is new, drawn from ``seed``, and the checkpoint's LM head is not read.
     """
     if method is not None and method.load_in_4bit:
-        quantized = load_4bit(model, tokenizer, dtype=dtype, seed=seed, method=method, placement=placement)
+        quantized = load_4bit(
+            model, tokenizer, dtype=dtype, seed=seed, method=method, placement=placement, reward=reward
+        )
         return prepare_4bit_for_training(quantized, model.gradient_checkpointing)
     dtype = weights_dtype(method, dtype, placement)
+    attn_implementation = attention_implementation(model.attn_implementation)
     if model.path is not None:
-        loaded = load_checkpoint(model.path, dtype, attention_implementation(model.attn_implementation))
-        return stop_at_end_of_turn(loaded, tokenizer)
+        with seeded(seed):  # a reward model's new head
+            loaded = load_checkpoint(model.path, dtype, attn_implementation, reward=reward)
+        return finished(loaded, tokenizer)
     config = llama_config(model, tokenizer)
-    config._attn_implementation = attention_implementation(model.attn_implementation)
+    config._attn_implementation = attn_implementation
+    with seeded(seed):
+        if reward:
+            config.num_labels = 1
+            # whole on every rank, as the causal LM here: its decoder comes from AutoModel.from_config, which
+            # under ZeRO-3 would partition it at once (zero.Init) before post_init initializes it whole
+            with set_zero3_state():
+                return finished(LlamaForSequenceClassification(config).to(dtype), tokenizer)
+        return finished(LlamaForCausalLM(config).to(dtype), tokenizer)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Random draws from ``seed`` inside, the caller's random state untouched outside."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return stop_at_end_of_turn(LlamaForCausalLM(config).to(dtype), tokenizer)
+        yield
+
+
+def finished(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
+    """A language model that stops as the Instruct models do (``stop_at_end_of_turn``); a reward model that
+    finds the last token of each sequence: transformers' sequence classifier scores the token before the
+    first ``pad_token_id`` (``<|finetune_right_pad_id|>``, never inside a Llama 3.1 chat)."""
+    if isinstance(model, LlamaForSequenceClassification):
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+    return stop_at_end_of_turn(model, tokenizer)
 
 
 def prepare_4bit_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
@@ -150,14 +189,27 @@ def weights_dtype(
     return compute
 
 
-def load_checkpoint(path: str, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
+def load_checkpoint(
+    path: str, dtype: torch.dtype, attn_implementation: str, reward: bool = False
+) -> PreTrainedModel:
     """A local safetensors checkpoint, read the way this process's placement says (once per node under
-    FSDP and ZeRO-3: call it after ``place_processes``), then the heap that reading freed given back."""
-    loaded = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, **load_safely(), attn_implementation=attn_implementation
+    FSDP and ZeRO-3: call it after ``place_processes``), then the heap that reading freed given back.
+    ``reward``: as a reward model (``build_model``), its ``score`` head new unless the checkpoint has one."""
+    loaded = model_class(reward).from_pretrained(
+        path, dtype=dtype, **load_safely(), attn_implementation=attn_implementation, **reward_head(reward)
     )
     release_freed_host_memory()  # transient tensors, zero.Init's gathers
     return loaded
+
+
+def model_class(reward: bool):
+    """The auto class a checkpoint loads as: a causal LM, or a sequence classifier for a reward model."""
+    return AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+
+
+def reward_head(reward: bool) -> dict:
+    """``from_pretrained``'s arguments for a reward model's head: one output, the reward."""
+    return {"num_labels": 1} if reward else {}
 
 
 def hub_kernels_asked() -> bool:
@@ -188,9 +240,10 @@ def load_4bit(
     seed: int,
     method: MethodConfig,
     placement: Placement | None = None,
+    reward: bool = False,
 ):
-    """The base model as bitsandbytes 4-bit weights (``method``'s quant type, double quantization),
-    quantized on this process's device (``placement``; CPU without one).
+    """The base model (a reward model with ``reward``) as bitsandbytes 4-bit weights (``method``'s quant
+    type, double quantization), quantized on this process's device (``placement``; CPU without one).
 
     Under FSDP and ZeRO-3 (``placement.shards_4bit``) no rank quantizes the whole model: this returns the
     quantized model's skeleton, and at step 0, once the engine has sharded it, rank 0 reads and quantizes
@@ -223,12 +276,15 @@ def load_4bit(
             )  # fmt: skip
         return stop_at_end_of_turn(skeleton, tokenizer)
     device_map = {"": torch.device("cpu")} if placement is None else placement.device_map
-    with random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement) as path:
-        quantized = AutoModelForCausalLM.from_pretrained(
+    with (
+        random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement) as path,
+        seeded(seed),
+    ):
+        quantized = model_class(reward).from_pretrained(
             path, dtype=dtype, quantization_config=quantization, device_map=device_map, **load_safely(),
-            attn_implementation=attn_implementation,
+            attn_implementation=attn_implementation, **reward_head(reward),
         )  # fmt: skip
-    return stop_at_end_of_turn(quantized, tokenizer)
+    return finished(quantized, tokenizer)
 
 
 @contextlib.contextmanager
@@ -284,11 +340,13 @@ def write_random_checkpoint(
     return str(path), remove
 
 
-def build_peft_config(method: MethodConfig) -> LoraConfig | None:
+def build_peft_config(method: MethodConfig, reward: bool = False) -> LoraConfig | None:
     """The LoRA adapter for ``lora``/``qlora`` (TRL's SFTTrainer applies it); None for ``full``. Every
     ``LoraConfig`` field ``method`` sets, typed or passed through (``train.config.lora_settings``: DoRA,
     rsLoRA, ``init_lora_weights``, ``modules_to_save``, ...), under its own name; ``validate`` has refused
-    what peft or the launch cannot run before anything loads."""
+    what peft or the launch cannot run before anything loads. A reward model's adapter is peft's SEQ_CLS:
+    its new ``score`` head trains whole beside the adapter (peft adds it to ``modules_to_save``) and is
+    saved with it."""
     if method.name == "full":
         return None
-    return LoraConfig(**lora_settings(method), task_type="CAUSAL_LM")
+    return LoraConfig(**lora_settings(method), task_type="SEQ_CLS" if reward else "CAUSAL_LM")

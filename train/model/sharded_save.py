@@ -125,8 +125,11 @@ def save_adapter(model, output_dir: str | Path, *, is_writer: bool) -> None:
                     adapters[name] = tensor.detach().to("cpu", copy=True)
     if is_writer:
         model.save_pretrained(output_dir, state_dict=adapters)
-        # peft writes no generation_config.json; the base's says where generation stops (train.model.build)
-        model.get_base_model().generation_config.save_pretrained(output_dir)
+        # peft writes no generation_config.json; the base's says where generation stops (train.model.build);
+        # a reward model generates nothing and has none
+        generation = getattr(model.get_base_model(), "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(output_dir)
         if from_master:
             log.info(
                 "saved %s: %d adapter tensors, %d of them DeepSpeed's fp32 master (safe_get_full_fp32_param)",

@@ -338,7 +338,7 @@ def lm_head_bytes(
 # ── the reference model of DPO/KTO ──────────────────────────────────────────────────────
 # What a preference stage keeps to score its reference policy (train/run/preference.py), in words.
 REFERENCES = {
-    "none": "none (stage=sft has no reference model)",
+    "none": "none (stage=sft and stage=rm keep no reference model)",
     "weights": "a second, frozen copy of the weights in the compute dtype (full fine-tuning's ref_model)",
     "base": "none in memory: the base with the LoRA adapter disabled (peft), the run's starting model",
     "adapter": "a frozen fp32 copy of the adapter the run starts from (TRL's 'ref' adapter); base shared",
@@ -347,7 +347,7 @@ REFERENCES = {
 
 def reference_model(config: Config) -> str:
     """Which ``REFERENCES`` entry a run keeps, given its stage, method and ``stage.init_from``."""
-    if config.stage.name == "sft":
+    if config.stage.name in ("sft", "rm"):
         return "none"
     if config.method.name == "full":
         return "weights"
@@ -356,9 +356,9 @@ def reference_model(config: Config) -> str:
 
 
 def step_tokens(seq_len: int, batch: int, stage: str) -> int:
-    """Tokens one forward with gradients holds: DPO scores chosen and rejected of ``batch`` pairs together
-    (2 x batch sequences); KTO's reference and KL forwards keep no activations."""
-    return seq_len * batch * (2 if stage == "dpo" else 1)
+    """Tokens one forward with gradients holds: DPO and reward models score chosen and rejected of ``batch``
+    pairs together (2 x batch sequences); KTO's reference and KL forwards keep no activations."""
+    return seq_len * batch * (2 if stage in ("dpo", "rm") else 1)
 
 
 def reference_bytes(model: ModelConfig, method: MethodConfig, reference: str) -> int:

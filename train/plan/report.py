@@ -74,7 +74,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"activations       {gib(plan.activations_bytes['with_checkpointing']):>17}  with checkpointing, "
         f"{gib(plan.activations_bytes['without_checkpointing'])} without; full fp32 logits would add "
         f"{gib(plan.logits_unfused_bytes)}",
-        *([_reference_line(plan)] if plan.stage != "sft" else []),
+        *([_reference_line(plan)] if plan.stage not in ("sft", "rm") else []),
         "",
         f"per {unit} at the peak:",
         *(f"  {part:<16}{gib(size):>17}" for part, size in plan.per_gpu_bytes.items() if size),

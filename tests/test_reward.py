@@ -1,0 +1,227 @@
+"""Reward models (stage=rm, train/run/reward.py): TRL's RewardTrainer on our pairs, full/LoRA/QLoRA, every
+launch; what it saves loads in plain transformers (and peft) and scores as the run's evaluation did."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, run_train
+from test_config import composed
+from test_launch import launched
+from test_preference_train import STEADY
+
+from data import encode_preference_records, load_preferences, prepare_from_config
+from train.config import ConfigError, load_config
+from train.model.build import build_model
+from train.run.outputs import read_metrics
+
+REWARD_SAMPLE = REPO / "data" / "samples" / "reward_sample.jsonl"
+# 24 steps at batch 2 over the 66 training pairs of data=reward_sample; evaluation on its 14 held-out
+# pairs (7 whole prompts) at steps 8, 16 and 24
+LEARN = [*STEADY, "stage=rm", "data=reward_sample", "training.max_steps=24", "training.eval_steps=8"]
+
+
+def test_reward_rows_are_the_whole_sequences_dpo_splits(tokenizer):
+    """A pair's chosen_ids/rejected_ids for stage=rm are DPO's prompt_ids + chosen_ids / + rejected_ids,
+    cut at max_length the same way."""
+    records = load_preferences(REPO / "data" / "samples" / "preference_sample.jsonl", "preference").records[
+        :6
+    ]
+    for max_length in (4096, 96):
+        dpo, _ = encode_preference_records(records, tokenizer, objective="dpo", max_length=max_length)
+        rm, summary = encode_preference_records(records, tokenizer, objective="rm", max_length=max_length)
+        assert rm.column_names == ["chosen_ids", "rejected_ids"]
+        assert len(rm) == len(dpo) and "pairs" in str(summary)
+        for pair, row in zip(dpo, rm, strict=True):
+            assert row["chosen_ids"] == pair["prompt_ids"] + pair["chosen_ids"]
+            assert row["rejected_ids"] == pair["prompt_ids"] + pair["rejected_ids"]
+            assert max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
+
+
+def test_reward_config_checks_before_any_work():
+    def problems(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as error:
+            load_config(composed("stage=rm", *overrides))
+        return str(error.value)
+
+    assert "stage=rm trains on preference pairs" in problems("data=sample")
+    assert "use launch=ddp" in problems("method=qlora", "launch=fsdp", "launch.num_processes=2")
+    assert "training.beta" in problems("+training.beta=0.1")  # DPO's, not RewardConfig's
+    config = load_config(
+        composed("stage=rm", "data=reward_sample", "+training.center_rewards_coefficient=0.01")
+    )
+    assert config.stage.name == "rm"
+
+
+def held_out_pairs(tokenizer, run_dir) -> list[dict]:
+    """The run's held-out pairs, as the run prepared them (same cache)."""
+    config = load_config(composed(*LEARN))
+    _, evaluated, _ = prepare_from_config(
+        config.data,
+        tokenizer,
+        max_length=config.training.max_length,
+        objective="rm",
+        seed=config.training.seed,
+    )
+    return list(evaluated)
+
+
+def ranking(model, pairs) -> tuple[float, float]:
+    """The share of pairs whose chosen sequence ``model`` scores above the rejected one, and the mean
+    margin r_chosen - r_rejected; each sequence scored alone."""
+    with torch.no_grad():
+        margins = [
+            model(torch.tensor([pair["chosen_ids"]])).logits.item()
+            - model(torch.tensor([pair["rejected_ids"]])).logits.item()
+            for pair in pairs
+        ]
+    return sum(margin > 0 for margin in margins) / len(margins), sum(margins) / len(margins)
+
+
+def evaluations(run_dir) -> list[dict]:
+    return [row for row in read_metrics(run_dir / "metrics.jsonl") if "eval_accuracy" in row]
+
+
+@pytest.fixture(scope="module")
+def reward_runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reward")
+    runs = {}
+    for method, rate in (("full", "1e-3"), ("lora", "5e-3")):
+        run_dir = workdir / method
+        result = run_train(
+            f"hydra.run.dir={run_dir}", *LEARN, f"method={method}", f"training.learning_rate={rate}",
+            cwd=workdir, evaluate=True,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[method] = run_dir
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_reward_model_learns_the_sample_and_loads_in_plain_transformers(reward_runs, method, tokenizer):
+    """Trained on 66 pairs, it ranks the 14 held-out ones (prompts it never saw) well above chance, and what
+    it saved, loaded by plain transformers (and peft), ranks them exactly as the run's last evaluation
+    did; the model it started from had next to no preference (its new head is drawn at std 0.02)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir = reward_runs[method]
+    evaluated = evaluations(run_dir)
+    assert [row["step"] for row in evaluated] == [8, 16, 24]
+    last = evaluated[-1]
+    assert last["eval_accuracy"] >= 0.75 and last["eval_margin"] > 1, evaluated  # chance: P(>= 11 of 14) 2.9%
+    assert {"accuracy", "margin", "loss"} <= next(r for r in read_metrics(run_dir / "metrics.jsonl")).keys()
+    pairs = held_out_pairs(tokenizer, run_dir)
+    assert len(pairs) == 14
+    config = load_config(composed(*LEARN, f"method={method}"))
+    start = build_model(config.model, tokenizer, dtype=torch.float32, seed=config.training.seed, reward=True)
+    if method == "full":
+        saved = AutoModelForSequenceClassification.from_pretrained(run_dir / "model", use_safetensors=True)
+    else:
+        adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+        assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+        saved = PeftModel.from_pretrained(start, run_dir / "adapter")
+        start = build_model(
+            config.model, tokenizer, dtype=torch.float32, seed=config.training.seed, reward=True
+        )
+    assert saved.config.pad_token_id == tokenizer.pad_token_id
+    accuracy, margin = ranking(saved.eval(), pairs)
+    assert accuracy == pytest.approx(last["eval_accuracy"]) and margin == pytest.approx(last["eval_margin"])
+    _, margin_at_start = ranking(start.eval(), pairs)
+    assert abs(margin_at_start) < margin / 5, (margin_at_start, margin)
+
+
+@pytest.mark.slow
+def test_a_qlora_reward_model_trains_its_head_and_adapter_in_fp32(tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "qlora"
+    result = run_train(
+        f"hydra.run.dir={run_dir}", *LEARN, "method=qlora", "training.max_steps=3", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    heads = [name for name in saved if "score" in name]
+    assert heads and all(t.dtype == torch.float32 for t in saved.values()), (heads, saved.keys())
+    losses = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    assert len(losses) == 3 and losses[0] == pytest.approx(0.6931, abs=0.2)
+
+
+@pytest.mark.slow
+def test_a_reward_model_trains_alike_under_ddp_fsdp_and_zero3(tmp_path):
+    """2 processes at batch 1 each: the same losses and accuracies step for step on every launch."""
+    logged = {}
+    for launch in ("ddp", "fsdp", "zero3"):
+        (tmp_path / launch).mkdir()
+        run_dir, log = launched(
+            tmp_path / launch, launch, "stage=rm", "data=reward_sample", "method=lora", "training.max_steps=3"
+        )
+        rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+        logged[launch] = [(row["loss"], row["accuracy"]) for row in rows]
+        assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(logged["ddp"]) == 3
+    for launch in ("fsdp", "zero3"):
+        for (loss, accuracy), (expected_loss, expected_accuracy) in zip(
+            logged[launch], logged["ddp"], strict=True
+        ):
+            assert loss == pytest.approx(expected_loss, abs=1e-4) and accuracy == expected_accuracy, launch
+
+
+@pytest.mark.slow
+def test_a_reward_model_starts_from_an_sft_run_on_every_kind_of_run(tmp_path, tokenizer):
+    """From a full SFT run its decoder is the run's model/ (read under ZeRO-3 too, partitioned while read);
+    from a LoRA SFT run the adapter merged into its base; either way under a new head. QLoRA from an
+    adapter run is refused before any work, saying what to do instead."""
+    from safetensors.torch import load_file
+
+    from train.export import merged_model
+    from train.run.reward import reward_model
+
+    sft = {}
+    for method in ("full", "lora"):
+        sft[method] = tmp_path / f"sft-{method}"
+        result = run_train(
+            f"hydra.run.dir={sft[method]}", f"method={method}", *STEADY, "training.max_steps=2", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    expected = {
+        "full": load_file(sft["full"] / "model" / "model.safetensors")["model.norm.weight"],
+        "lora": merged_model(sft["lora"])[0].model.layers[0].self_attn.q_proj.weight,
+    }
+    for method, start in sft.items():
+        config = load_config(composed("stage=rm", "data=reward_sample", f"stage.init_from={start}"))
+        model = reward_model(config, tokenizer, torch.float32)
+        got = model.model.norm.weight if method == "full" else model.model.layers[0].self_attn.q_proj.weight
+        torch.testing.assert_close(got, expected[method].float())
+        assert model.score.weight.shape == (1, config.model.hidden_size)
+    with pytest.raises(ConfigError, match=r"method=qlora: .*\(python -m train.export run="):
+        load_config(
+            composed("stage=rm", "data=reward_sample", f"stage.init_from={sft['lora']}", "method=qlora")
+        )
+    (tmp_path / "zero3").mkdir()
+    run_dir, log = launched(
+        tmp_path / "zero3", "zero3", "stage=rm", "data=reward_sample", f"stage.init_from={sft['full']}",
+        "training.max_steps=2",
+    )  # fmt: skip
+    assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in log
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_planner_counts_a_reward_model_without_a_reference_and_both_sequences_of_a_pair():
+    from train.plan import format_plan, plan_memory, reference_model
+    from train.plan.memory import step_tokens
+
+    config = load_config(composed("stage=rm", "data=reward_sample", "model=8b", "method=qlora"), check=False)
+    assert reference_model(config) == "none"
+    assert step_tokens(512, 2, "rm") == step_tokens(512, 2, "dpo") == 2 * step_tokens(512, 2, "sft")
+    plan = plan_memory(
+        config.model, config.method, config.launch, seq_len=1024, batch=1, stage="rm", reference="none"
+    )
+    sft = plan_memory(config.model, config.method, config.launch, seq_len=1024, batch=1)
+    assert plan.per_gpu_bytes["reference"] == 0 and "reference model" not in format_plan(plan)
+    assert (
+        plan.activations_bytes["without_checkpointing"] == 2 * sft.activations_bytes["without_checkpointing"]
+    )
