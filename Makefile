@@ -14,7 +14,7 @@ install:
 	$(BIN)/python -m launch.deepspeed_ops || echo "warning: DeepSpeed's CPU ops did not compile; runs will try again"
 
 test:
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 test-fast:
 	$(BIN)/python -m pytest -m "not slow"

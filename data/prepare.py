@@ -41,6 +41,7 @@ from data.cache import atomic_directory, cache_entry
 from data.chat import chat_format_of
 from data.config import SourceConfig, share, source_problems, sources_of
 from data.preference import load_preferences, unpaired
+from data.prompts import load_prompts
 from data.readers import ReadResult, check_messages_field, load_conversations
 from data.rows import (
     ENCODER_VERSION,
@@ -102,6 +103,12 @@ def prepare_from_config(data, tokenizer, *, max_length: int, objective: str = "s
 
 def _prepared(data, tokenizer, max_length: int, objective: str, with_groups: bool = False):
     """``prepare_dataset`` or ``prepare_preferences`` of ``data.path`` with ``data``'s settings."""
+    if objective == "grpo":  # prompts: read whole, not encoded (TRL renders them with the template)
+        return load_prompts(
+            data.path, data.format, lang=data.lang, threads=data.threads, strict=data.strict,
+            messages_field=data.messages_field, chat_format=chat_format_of(tokenizer),
+            with_groups=with_groups,
+        )  # fmt: skip
     if objective == "sft":
         return prepare_dataset(
             data.path, data.format, tokenizer, max_length=max_length, overflow=data.overflow, lang=data.lang,

@@ -52,7 +52,8 @@ def test_every_experiment_composes(experiment):
 @pytest.mark.parametrize("data", [p.stem for p in (CONF / "data").glob("*.yaml")])
 def test_every_shipped_data_config_validates_for_the_stage_it_serves(data):
     """Each format is one a stage trains on (train.config.STAGE_FORMATS): a new reader is wired end to end."""
-    stage = {"preference_sample": "dpo", "kto_sample": "kto"}.get(data, "sft")
+    served = {"preference_sample": "dpo", "kto_sample": "kto", "reward_sample": "rm"}
+    stage = {**served, "arithmetic_sample": "grpo"}.get(data, "sft")
     config = load_config(composed(f"data={data}", f"stage={stage}"))
     assert config.data.name == data
 
@@ -231,7 +232,8 @@ def test_lora_config_fields_pass_through_and_typos_name_the_nearest_fields():
         in (message)
     )
     assert (
-        "method.task_type: set by the run from stage.name (TRL trains a causal LM: CAUSAL_LM); remove it"
+        "method.task_type: set by the run from stage.name (a causal LM: CAUSAL_LM; stage=rm, a reward model: "
+        "SEQ_CLS); remove it"
         in (message)
     )
     assert "method.inference_mode: set by the run from the stage (it trains;" in message

@@ -38,7 +38,8 @@ def run_export(run_dir) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+# qlora slow: the inner loop keeps lora's merge (CI runs both)
+@pytest.mark.parametrize("method", ["lora", pytest.param("qlora", marks=pytest.mark.slow)])
 def test_merged_checkpoint_matches_the_adapter(tmp_path, tokenizer, method):
     from transformers import AutoModelForCausalLM
 
@@ -103,7 +104,7 @@ def test_merge_runs_on_the_cpu_where_a_gpu_is_visible(tmp_path, tokenizer, monke
     assert not hasattr(merged, "peft_config") and getattr(merged, "hf_quantizer", None) is None
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_a_base_checkpoint_tuned_in_the_instruct_format_stops_at_eot(tmp_path, tokenizer, method):
     """A base checkpoint (tokenizer EOS <|end_of_text|>, generation_config eos 128001) fine-tuned in the
     Instruct format: what the run saves and what export writes load, in plain transformers, stopping at

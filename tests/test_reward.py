@@ -150,15 +150,34 @@ def test_a_qlora_reward_model_trains_its_head_and_adapter_in_fp32(tmp_path):
     assert len(losses) == 3 and losses[0] == pytest.approx(0.6931, abs=0.2)
 
 
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    """A full and a LoRA SFT run of 2 steps, to start reward models from."""
+    workdir = tmp_path_factory.mktemp("sft")
+    runs = {}
+    for method in ("full", "lora"):
+        runs[method] = workdir / f"sft-{method}"
+        result = run_train(
+            f"hydra.run.dir={runs[method]}", f"method={method}", *STEADY, "training.max_steps=2", cwd=workdir
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    return runs
+
+
 @pytest.mark.slow
-def test_a_reward_model_trains_alike_under_ddp_fsdp_and_zero3(tmp_path):
-    """2 processes at batch 1 each: the same losses and accuracies step for step on every launch."""
+def test_a_reward_model_trains_alike_under_ddp_fsdp_and_zero3(tmp_path, sft_runs):
+    """From a full SFT run's model/ (read once per node: FSDP's rank 0 broadcasts it, ZeRO-3 partitions it
+    while read under zero.Init), 2 processes at batch 1 each: the same losses and accuracies step for step
+    on every launch."""
     logged = {}
     for launch in ("ddp", "fsdp", "zero3"):
         (tmp_path / launch).mkdir()
         run_dir, log = launched(
-            tmp_path / launch, launch, "stage=rm", "data=reward_sample", "method=lora", "training.max_steps=3"
-        )
+            tmp_path / launch, launch, "stage=rm", "data=reward_sample", "method=lora",
+            "training.max_steps=3", f"stage.init_from={sft_runs['full']}",
+        )  # fmt: skip
+        if launch == "zero3":
+            assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in log
         rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
         logged[launch] = [(row["loss"], row["accuracy"]) for row in rows]
         assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -171,29 +190,24 @@ def test_a_reward_model_trains_alike_under_ddp_fsdp_and_zero3(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_reward_model_starts_from_an_sft_run_on_every_kind_of_run(tmp_path, tokenizer):
-    """From a full SFT run its decoder is the run's model/ (read under ZeRO-3 too, partitioned while read);
-    from a LoRA SFT run the adapter merged into its base; either way under a new head. QLoRA from an
-    adapter run is refused before any work, saying what to do instead."""
+def test_a_reward_model_starts_from_an_sft_run_on_every_kind_of_run(sft_runs, tokenizer):
+    """From a full SFT run its decoder is the run's model/ (under every launch:
+    test_a_reward_model_trains_alike_under_ddp_fsdp_and_zero3); from a LoRA SFT run the adapter merged into
+    its base; either way under a new head. QLoRA from an adapter run is refused before any work, saying what
+    to do instead."""
     from safetensors.torch import load_file
 
     from train.export import merged_model
-    from train.run.reward import reward_model
+    from train.run.preference import fresh_start
 
-    sft = {}
-    for method in ("full", "lora"):
-        sft[method] = tmp_path / f"sft-{method}"
-        result = run_train(
-            f"hydra.run.dir={sft[method]}", f"method={method}", *STEADY, "training.max_steps=2", cwd=tmp_path
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    sft = sft_runs
     expected = {
         "full": load_file(sft["full"] / "model" / "model.safetensors")["model.norm.weight"],
         "lora": merged_model(sft["lora"])[0].model.layers[0].self_attn.q_proj.weight,
     }
     for method, start in sft.items():
         config = load_config(composed("stage=rm", "data=reward_sample", f"stage.init_from={start}"))
-        model = reward_model(config, tokenizer, torch.float32)
+        model = fresh_start(config, tokenizer, torch.float32, reward=True)
         got = model.model.norm.weight if method == "full" else model.model.layers[0].self_attn.q_proj.weight
         torch.testing.assert_close(got, expected[method].float())
         assert model.score.weight.shape == (1, config.model.hidden_size)
@@ -201,13 +215,6 @@ def test_a_reward_model_starts_from_an_sft_run_on_every_kind_of_run(tmp_path, to
         load_config(
             composed("stage=rm", "data=reward_sample", f"stage.init_from={sft['lora']}", "method=qlora")
         )
-    (tmp_path / "zero3").mkdir()
-    run_dir, log = launched(
-        tmp_path / "zero3", "zero3", "stage=rm", "data=reward_sample", f"stage.init_from={sft['full']}",
-        "training.max_steps=2",
-    )  # fmt: skip
-    assert "weights partitioned while read (DeepSpeed ZeRO-3 zero.Init)" in log
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_the_planner_counts_a_reward_model_without_a_reference_and_both_sequences_of_a_pair():
@@ -225,3 +232,26 @@ def test_the_planner_counts_a_reward_model_without_a_reference_and_both_sequence
     assert (
         plan.activations_bytes["without_checkpointing"] == 2 * sft.activations_bytes["without_checkpointing"]
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_reward_model_run_scores_grpo_completions_as_the_model_does(reward_runs, method, tokenizer):
+    """train.run.rewards.RewardModel (stage.rewards: {_target_: ...RewardModel, run: <rm run>}) gives each
+    prompt + completion the reward model's score of that chat, as the run's own model scores its rows."""
+    from data import encode_chat
+    from train.run.rewards import RewardModel
+
+    records = [json.loads(line) for line in REWARD_SAMPLE.read_text().splitlines()[:4]]
+    prompts = [record["prompt"] for record in records]
+    completions = [record[side] for record in records for side in ("chosen",)]
+    scorer = RewardModel(str(reward_runs[method]), batch_size=3)  # a padded batch and a batch of one
+    scores = scorer(prompts=prompts, completions=completions)
+    model = scorer.model
+    with torch.no_grad():
+        alone = [
+            model(torch.tensor([encode_chat([*p, *c], tokenizer)["input_ids"]])).logits.item()
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    assert scores == pytest.approx(alone, abs=1e-4)
+    assert scorer.__name__ == f"reward_model({method})"

@@ -88,6 +88,7 @@ def main(cfg: DictConfig) -> float | None:
     from train.model.build import build_model, compute_dtype
     from train.model.placement import place_processes
     from train.run.checkpoints import CheckpointSpaceError
+    from train.run.grpo import build_grpo_trainer
     from train.run.outputs import (
         LOSS_PLOT_FILE,
         METRICS_FILE,
@@ -96,8 +97,8 @@ def main(cfg: DictConfig) -> float | None:
         reset_peak_memory,
         save_resolved_config,
     )  # fmt: skip
-    from train.run.preference import build_preference_trainer, init_model
-    from train.run.reward import build_reward_trainer, reward_model
+    from train.run.preference import build_preference_trainer, fresh_start, init_model
+    from train.run.reward import build_reward_trainer
     from train.run.sweep import objective
     from train.run.trainer import build_trainer, resume_checkpoint, training_args
 
@@ -138,8 +139,8 @@ def main(cfg: DictConfig) -> float | None:
     #    FSDP/ZeRO-3 (train/model/placement.py); QLoRA there is a skeleton until step 0, when rank 0 quantizes
     #    one tensor at a time into each rank's shard (train/model/quantized_loading.py); the LoRA adapter is
     #    applied by the trainer ──
-    if stage == "rm":  # the decoder under a reward head
-        model = reward_model(config, tokenizer, dtype, placement)
+    if stage in ("rm", "grpo"):  # rm: the decoder under a reward head; an adapter run merged first
+        model = fresh_start(config, tokenizer, dtype, placement, reward=stage == "rm")
     elif config.stage.init_from is None:
         model = build_model(
             config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method,
@@ -153,6 +154,10 @@ def main(cfg: DictConfig) -> float | None:
         trainer = build_trainer(config, model, tokenizer, dataset, run_dir, args, eval_dataset)
     elif stage == "rm":
         trainer = build_reward_trainer(config, model, tokenizer, dataset, run_dir, args, eval_dataset)
+    elif stage == "grpo":
+        trainer = build_grpo_trainer(
+            config, model, tokenizer, dataset, run_dir, args, placement, eval_dataset
+        )
     else:
         trainer = build_preference_trainer(
             config, model, tokenizer, dataset, run_dir, args, placement, eval_dataset

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from data.config import (
     CHAT_FORMATS,
@@ -29,7 +29,7 @@ from data.config import (
 from train.run.run_dir import CONFIG_FILE, run_config
 
 METHODS = ("full", "lora", "qlora")
-STAGES = ("sft", "dpo", "kto", "rm")
+STAGES = ("sft", "dpo", "kto", "rm", "grpo")
 # What each stage trains on (data.readers.FORMATS, data.preference.PREFERENCE_FORMATS): OpenAssistant trees
 # give chat threads to SFT and ranked reply pairs to DPO/KTO/RM; KTO also takes pairs, unpaired as TRL does.
 STAGE_FORMATS = {
@@ -38,18 +38,27 @@ STAGE_FORMATS = {
     "dpo": ("preference", "oasst_messages", "oasst_trees"),
     "kto": ("kto", "preference", "oasst_messages", "oasst_trees"),
     "rm": ("preference", "oasst_messages", "oasst_trees"),
+    # prompts: a prompt file (data.prompts); a chat source gives each conversation up to its last reply
+    "grpo": ("prompts", "messages", "sharegpt", "alpaca", "prompt_completion", "oasst_messages",
+             "oasst_trees", "oasst_top1", "guanaco"),
 }  # fmt: skip
-# Stage settings under TRL's DPOConfig / KTOConfig names, and the stages that have each.
+# Stage settings under TRL's DPOConfig / KTOConfig / GRPOConfig names, and the stages that have each.
 STAGE_SETTINGS = {
-    "beta": ("dpo", "kto"),
-    "loss_type": ("dpo", "kto"),
+    "beta": ("dpo", "kto", "grpo"),
+    "loss_type": ("dpo", "kto", "grpo"),
     "label_smoothing": ("dpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
+    "num_generations": ("grpo",),
+    "max_completion_length": ("grpo",),
+    "temperature": ("grpo",),
+    "use_vllm": ("grpo",),
 }
 # The TRL config each stage's ``training.*`` becomes (train/run/trainer.py), by name: trl takes seconds to
 # import, so it is imported only where a key needs it.
-TRL_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig", "rm": "RewardConfig"}
+TRL_CONFIGS = {
+    "sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig", "rm": "RewardConfig", "grpo": "GRPOConfig"
+}  # fmt: skip
 # Fields of those configs that the run sets from another key, and that key (and stage.* of STAGE_SETTINGS, for
 # the stages that have each: SFTConfig has a loss_type of its own).
 SET_BY_THE_RUN = {
@@ -251,11 +260,12 @@ def open_training() -> DictConfig:
 
 @dataclass
 class StageConfig:
-    """What trains: ``sft`` (TRL's SFTTrainer), ``dpo`` (DPOTrainer), ``kto`` (KTOTrainer) or ``rm`` (a reward
-    model: RewardTrainer).
+    """What trains: ``sft`` (TRL's SFTTrainer), ``dpo`` (DPOTrainer), ``kto`` (KTOTrainer), ``rm`` (a reward
+    model: RewardTrainer) or ``grpo`` (online RL: GRPOTrainer).
 
-    The preference settings are ``DPOConfig``/``KTOConfig`` fields under their own names (``STAGE_SETTINGS``);
-    None where the stage has no such setting.
+    The stage settings are ``DPOConfig``/``KTOConfig``/``GRPOConfig`` fields under their own names
+    (``STAGE_SETTINGS``); None where the stage has no such setting. ``rewards`` (grpo): the reward functions,
+    each ``{_target_: <import path>, weight: <float>, <its keyword arguments>}`` (train/run/rewards.py).
     """
 
     name: str = "sft"  # a default, not MISSING: run directories written before stages existed are sft runs
@@ -268,6 +278,11 @@ class StageConfig:
     label_smoothing: float | None = None
     desirable_weight: float | None = None
     undesirable_weight: float | None = None
+    num_generations: int | None = None  # grpo: completions sampled per prompt (one group)
+    max_completion_length: int | None = None  # grpo: tokens a completion may take
+    temperature: float | None = None  # grpo: sampling temperature
+    use_vllm: bool | None = None  # grpo: generate with vLLM in colocate mode (the vllm extra, a GPU)
+    rewards: Any = None  # grpo: the reward functions (see above)
 
 
 @dataclass
@@ -486,7 +501,7 @@ def _stage_problems(config: Config) -> list[str]:
     for key, source in sources_of(data):
         if source.format is not None and source.format not in STAGE_FORMATS[stage.name]:
             problems.append(_format_problem(stage.name, source, key))
-    if stage.name == "sft":
+    if stage.name in ("sft", "grpo"):
         mined = {
             "data.pairs_per_prompt": data.pairs_per_prompt is not None,
             "data.min_rank_gap": data.min_rank_gap != 1,
@@ -523,6 +538,8 @@ def _stage_problems(config: Config) -> list[str]:
             f"{config.launch.strategy} (train/model/quantized_loading.py); remove it (QLoRA's reference is "
             "its adapter disabled, scored with each batch) or use launch=ddp"
         )
+    if stage.name == "grpo":
+        problems += _grpo_problems(config)
     if stage.name == "rm" and sharded_4bit:
         problems.append(
             f"method=qlora with stage=rm under {config.launch.strategy}: QLoRA's weights are read into "
@@ -533,6 +550,70 @@ def _stage_problems(config: Config) -> list[str]:
     if stage.init_from is not None:
         problems += _init_problems(config)
     return problems
+
+
+def _grpo_problems(config: Config) -> list[str]:
+    """GRPO's reward functions (each importable, with a number as its weight), its batch (a whole number of
+    groups per generation batch) and vLLM (installed, on a GPU)."""
+    stage = config.stage
+    problems = []
+    rewards = stage.rewards
+    if not isinstance(rewards, list | ListConfig) or not rewards:
+        problems.append(
+            "stage.rewards: name at least one reward function, e.g. "
+            "[{_target_: train.run.rewards.ends_at_eot, weight: 1.0}] (train/run/rewards.py)"
+        )
+        rewards = []
+    for index, reward in enumerate(rewards):
+        key = f"stage.rewards[{index}]"
+        target = reward.get("_target_") if isinstance(reward, dict | DictConfig) else None
+        if not target:
+            problems.append(f"{key}: give the function's import path as _target_ (and a weight)")
+            continue
+        try:
+            function = _locate(target)
+        except ImportError as error:
+            problems.append(f"{key}._target_: {target} does not import ({error})")
+            continue
+        if not callable(function):
+            problems.append(f"{key}._target_: {target} is not callable")
+        weight = reward.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            problems.append(f"{key}.weight: {weight!r} is not a number")
+    if (stage.num_generations or 0) < 2:
+        problems.append(
+            f"stage.num_generations={stage.num_generations}: GRPO compares completions of the same prompt; "
+            "give it at least 2 (4 to 16 is usual)"
+        )
+    if stage.use_vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            problems.append(
+                "stage.use_vllm: vllm is not installed (pip install -e '.[vllm]', on a CUDA machine); "
+                "stage.use_vllm=false generates with transformers"
+            )
+        elif not _has_cuda():
+            problems.append("stage.use_vllm: vLLM generates on a GPU and none is visible here")
+    if config.data.sources:
+        problems.append("data.sources: stage=grpo reads one prompt source (data.path) for now")
+    return problems
+
+
+def _locate(target: str):
+    """The object an import path names (Hydra's own resolution of ``_target_``)."""
+    from hydra.utils import get_object
+
+    try:
+        return get_object(target)
+    except Exception as error:  # Hydra wraps every failure to import in its own error
+        raise ImportError(str(error).splitlines()[0]) from None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _format_problem(stage: str, data: DataConfig, key: str = "data") -> str:
@@ -552,6 +633,7 @@ _STAGE_DATA = {
     "dpo": "preference pairs (data=preference_sample, or pairs mined from OpenAssistant trees)",
     "kto": "labelled completions (data=kto_sample) or pairs, which it unpairs",
     "rm": "preference pairs (data=preference_sample, or pairs mined from OpenAssistant trees)",
+    "grpo": "prompts (data=arithmetic_sample, a prompt file, or the chats of any chat source)",
 }
 
 
@@ -592,13 +674,14 @@ def _init_problems(config: Config) -> list[str]:
         if getattr(previous.model, name) != getattr(model, name)
     ]
     continues = method.name in (previous.method.name, "full")  # the adapter trains on, or is merged
-    if stage.name == "rm" and previous.method.name != "full" and method.name == "qlora":
+    fresh = stage.name in ("rm", "grpo")  # these start from an adapter run merged (train.run.preference)
+    if fresh and previous.method.name != "full" and method.name == "qlora":
         problems.append(
-            f"method=qlora: {start} trained a {previous.method.name} adapter; a reward model starts from it "
-            "merged into its base, which is not quantized again here; use method=lora or full, or export the "
-            f"merged model (python -m train.export run={start}) and start from it with model.path"
+            f"method=qlora: {start} trained a {previous.method.name} adapter; stage={stage.name} starts from "
+            "it merged into its base, which is not quantized again here; use method=lora or full, or export "
+            f"the merged model (python -m train.export run={start}) and start from it with model.path"
         )
-    elif stage.name != "rm" and previous.method.name != "full" and not continues:
+    elif not fresh and previous.method.name != "full" and not continues:
         problems.append(
             f"method: {start} trained a {previous.method.name} adapter, which goes on training with "
             f"method={previous.method.name} (or is merged for method=full), not method={method.name}"

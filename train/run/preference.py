@@ -26,14 +26,22 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
-from transformers import PreTrainedModel
+from transformers import LlamaForSequenceClassification, PreTrainedModel
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.trainer import dpo_trainer, kto_trainer
 from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
 
 from train.config import Config
 from train.export import base_of, merged_model
-from train.model.build import build_model, build_peft_config, compute_dtype_of, load_checkpoint, weights_dtype
+from train.model.build import (
+    build_model,
+    build_peft_config,
+    compute_dtype_of,
+    finished,
+    load_checkpoint,
+    seeded,
+    weights_dtype,
+)
 from train.model.placement import Placement
 from train.run.outputs import METRICS_FILE, MetricsJsonl, final_dir
 from train.run.run_dir import run_config
@@ -218,6 +226,34 @@ def init_model(config: Config, tokenizer, dtype: torch.dtype, placement: Placeme
     if previous.method.name == "full":
         return model
     return PeftModel.from_pretrained(model, final_dir(start, previous.method.name), is_trainable=True)
+
+
+def fresh_start(
+    config: Config, tokenizer, dtype: torch.dtype, placement: Placement | None = None, reward: bool = False
+):
+    """The model a run that does not continue an adapter starts from (stage=rm, stage=grpo): the base
+    (``model.*``), or the run ``stage.init_from`` names: a full run's ``model/`` as it is; an adapter run's
+    adapter merged into its base (``train.export.merged_model``). This run's method applies to the result
+    (full, or a new LoRA adapter, whose disabled state is then the starting policy; QLoRA from an adapter
+    run is refused by ``train.config``). ``reward``: under a new ``score`` head drawn from the seed
+    (``train.model.build.build_model``)."""
+    seed = config.training.seed
+    previous = run_config(Path(config.stage.init_from)) if config.stage.init_from else None
+    if previous is None or previous.method.name == "full":
+        base, _ = base_of(config)  # model.*, or the full run's model/
+        return build_model(
+            base, tokenizer, dtype=dtype, seed=seed, method=config.method, placement=placement, reward=reward
+        )
+    merged, _ = merged_model(Path(config.stage.init_from))
+    if reward:
+        merged.config.num_labels = 1
+        with seeded(seed):
+            head = LlamaForSequenceClassification(merged.config)
+        head.model.load_state_dict(merged.model.state_dict())
+        merged = head
+    full = config.method.name == "full"
+    merged = merged.to(weights_dtype(config.method, dtype, placement)).requires_grad_(full)
+    return finished(merged, tokenizer)
 
 
 # ── the trainer ──────────────────────────────────────────────────────────────────────────────

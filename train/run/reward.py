@@ -15,17 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from datasets import Dataset
-from transformers import LlamaForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from train.config import Config
-from train.export import base_of, merged_model
-from train.model.build import build_model, build_peft_config, finished, seeded, weights_dtype
-from train.model.placement import Placement
+from train.model.build import build_peft_config
 from train.run.outputs import METRICS_FILE, MetricsJsonl
-from train.run.run_dir import run_config
 from train.run.trainer import ShardedOnCpu, configure_wandb, evaluates_on, keep_adapters_fp32, watch_run
 
 
@@ -62,32 +57,3 @@ def build_reward_trainer(
         callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
     )
     return watch_run(trainer, config, run_dir)
-
-
-def reward_model(config: Config, tokenizer, dtype: torch.dtype, placement: Placement | None = None):
-    """The reward model a stage=rm run trains: the base (``model.*``) or the run it starts from
-    (``stage.init_from``) under a new ``score`` head drawn from the seed. A full fine-tuning run's
-    ``model/`` is read as it is; an adapter run's adapter is merged into its base first
-    (``train.export.merged_model``), and this run's method applies to the result (full, or a new LoRA
-    adapter; QLoRA is refused by ``train.config``)."""
-    seed = config.training.seed
-    if config.stage.init_from is None:
-        return build_model(
-            config.model, tokenizer, dtype=dtype, seed=seed, method=config.method, placement=placement,
-            reward=True,
-        )  # fmt: skip
-    start = Path(config.stage.init_from)
-    if run_config(start).method.name == "full":
-        base, _ = base_of(config)  # its model/
-        return build_model(
-            base, tokenizer, dtype=dtype, seed=seed, method=config.method, placement=placement, reward=True
-        )
-    merged, _ = merged_model(start)
-    merged.config.num_labels = 1
-    with seeded(seed):
-        reward = LlamaForSequenceClassification(merged.config)
-    reward.model.load_state_dict(merged.model.state_dict())
-    del merged
-    full = config.method.name == "full"
-    reward = reward.to(weights_dtype(config.method, dtype, placement)).requires_grad_(full)
-    return finished(reward, tokenizer)

@@ -4,6 +4,7 @@ SFTTrainer for stage=sft (train/run/preference.py has DPO/KTO), and what every s
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -62,6 +63,20 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
     if stage != "sft":
         for sft_only in ("packing", "packing_strategy"):
             training.pop(sft_only)
+    if stage == "grpo":  # GRPOConfig bounds completions (stage.max_completion_length), not whole rows
+        for not_grpo in ("max_length", "activation_offloading"):
+            training.pop(not_grpo, None)
+        if config.stage.use_vllm:
+            settings["vllm_mode"] = "colocate"  # vLLM in each training process, sharing its GPU
+        world = config.launch.num_processes * config.launch.num_machines
+        if not {"generation_batch_size", "steps_per_generation"} & training.keys():
+            # whole groups of completions per generation: a step's batch, or the fewest steps that hold whole
+            # groups (TRL then takes several optimizer steps per generation, steps_per_generation)
+            step = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] * world
+            settings["generation_batch_size"] = math.lcm(step, config.stage.num_generations)
+        # evaluation generates whole groups too (TRL: the global eval batch divisible by num_generations)
+        evaluated = training["per_device_eval_batch_size"] * world
+        training["per_device_eval_batch_size"] = math.lcm(evaluated, config.stage.num_generations) // world
     # DDP: transformers asks for find_unused_parameters=True for any model that is not a PreTrainedModel (a
     # PeftModel) or runs without checkpointing (trainer.py, _build_accelerator_args): an extra traversal of
     # the autograd graph every step. Every trainable parameter here gets a gradient each step: full weights,

@@ -1,0 +1,197 @@
+"""Online RL (stage=grpo, train/run/grpo.py): TRL's GRPOTrainer on our prompts with the reward functions the
+config names; it learns a reward from a random start, runs on every launch with completions of uneven
+length, keeps the reference as the method says, and refuses what cannot run before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO, run_train
+from test_config import composed
+from test_launch import launched
+
+from data import DataError, prepare_from_config
+from data.prompts import load_prompts
+from train.config import ConfigError, load_config
+from train.run import rewards
+from train.run.outputs import read_metrics
+
+SAMPLES = REPO / "data" / "samples"
+# the learning run: a whole group (8 completions of one prompt) per step, a constant large step
+LEARN = [
+    "stage=grpo", "data=arithmetic_sample", "method=full", "training.per_device_train_batch_size=8",
+    "stage.num_generations=8", "stage.max_completion_length=8", "training.learning_rate=1e-2",
+    "training.warmup_steps=0", "training.lr_scheduler_type=constant", "training.logging_steps=1",
+    "training.report_to=[]",
+]  # fmt: skip
+
+
+# ── the shipped reward functions ──────────────────────────────────────────────────────────────
+def test_shipped_rewards_score_what_they_say(tokenizer):
+    from data.tokenizer import stop_token_ids
+
+    assert set(stop_token_ids(tokenizer)) == rewards._STOP_IDS
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert rewards.ends_at_eot([[5, 6, eot], [5, 6, 7], []]) == [1.0, 0.0, 0.0]
+    assert rewards.length_within([[1] * 3 + [eot], [1] * 5, [eot]], min_tokens=1, max_tokens=4) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
+    chat = [[{"role": "assistant", "content": "It is 12, then 42."}], "The answer: 7.0", "no number", "-3"]
+    assert rewards.exact_answer(chat, answer=["42", "7", "1", None]) == [1.0, 1.0, 0.0, None]
+    assert rewards.digit_share(["12 3", "a1", "", "ab"]) == [1.0, 0.5, 0.0, 0.0]
+    assert rewards.latin_share(["abc", "абв", "aб", "123"]) == [1.0, 0.0, 0.5, 0.0]
+
+
+# ── prompts ───────────────────────────────────────────────────────────────────────────────────
+def test_prompts_come_from_a_prompt_file_with_their_columns_or_from_any_chat_source(tmp_path, tokenizer):
+    dataset, summary = load_prompts(SAMPLES / "arithmetic_sample.jsonl", "prompts")
+    assert len(dataset) == 200 and dataset.column_names == ["prompt", "answer"]
+    assert dataset[0]["prompt"] == [
+        {"role": "user", "content": "What is 97 - 53? Answer with the number only."}
+    ]
+    assert dataset[0]["answer"] == "44" and "columns for the rewards: answer" in str(summary)
+    chats, _ = load_prompts(SAMPLES / "sharegpt_sample.jsonl", "sharegpt")
+    first = json.loads((SAMPLES / "sharegpt_sample.jsonl").read_text().splitlines()[0])["conversations"]
+    last_reply = max(i for i, turn in enumerate(first) if turn["from"] == "gpt")
+    assert len(chats[0]["prompt"]) == last_reply and chats[0]["prompt"][-1]["role"] == "user"
+    assert chats[0]["reference"] == first[last_reply]["value"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"prompt": "fine", "answer": "1"}) + "\n"
+        + json.dumps({"question": "no prompt", "answer": "2"}) + "\n"
+        + json.dumps({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                      "answer": "3"}) + "\n"
+    )  # fmt: skip
+    kept, summary = load_prompts(bad, "prompts")
+    assert len(kept) == 1 and f"{bad}:2: a record needs a 'prompt'" in str(summary)
+    assert f"{bad}:3: the prompt ends on a assistant turn" in str(summary)
+    with pytest.raises(DataError, match=rf"{bad}:2: a record needs a 'prompt'.*data.strict"):
+        load_prompts(bad, "prompts", strict=True)
+    config = load_config(composed("stage=grpo", "data=arithmetic_sample", "data.eval_split=20"))
+    trained, evaluated, summary = prepare_from_config(
+        config.data, tokenizer, max_length=512, objective="grpo"
+    )
+    assert (len(trained), len(evaluated)) == (180, 20) and "held out for evaluation: 20 of 200 rows" in str(
+        summary
+    )
+
+
+def test_grpo_settings_are_checked_before_any_work(tmp_path):
+    def problems(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as error:
+            load_config(composed("stage=grpo", "data=arithmetic_sample", *overrides))
+        return str(error.value)
+
+    assert "stage.rewards: name at least one reward function" in problems("stage.rewards=[]")
+    assert "stage.rewards[0]._target_: train.run.rewards.nothing does not import" in problems(
+        "stage.rewards=[{_target_: train.run.rewards.nothing}]"
+    )
+    assert "stage.rewards[0].weight: 'heavy' is not a number" in problems(
+        "stage.rewards=[{_target_: train.run.rewards.ends_at_eot, weight: heavy}]"
+    )
+    assert "stage.num_generations=1: GRPO compares completions of the same prompt" in problems(
+        "stage.num_generations=1"
+    )
+    assert "stage.use_vllm: vllm is not installed" in problems("stage.use_vllm=true")
+    assert "stage=grpo trains on prompts" in problems("data=preference_sample")
+    assert "stage.beta: required for grpo" in problems("stage.beta=null")
+    from train.run.trainer import training_args
+
+    # the default batch (2) holds half a group of 4: TRL generates one group, then takes 2 steps on it
+    args = training_args(load_config(composed("stage=grpo", "data=sample")), tmp_path, torch.float32)
+    assert (args.num_generations, args.generation_batch_size, args.steps_per_generation) == (4, 4, 2)
+    assert args.reward_weights is None and args.beta == 0.04 and not hasattr(args, "max_length")
+
+
+# ── training ──────────────────────────────────────────────────────────────────────────────────
+@pytest.mark.slow
+def test_grpo_learns_a_verifiable_reward_from_a_random_start(tmp_path):
+    """digit_share (the reply to "Answer with the number only" is digits) on the random tiny model: its
+    samples hold a digit now and then; within 32 steps the mean reward goes from ~0.01 to ~1. Each logged
+    step's completions are in samples.jsonl with their rewards."""
+    run_dir = tmp_path / "grpo"
+    result = run_train(
+        f"hydra.run.dir={run_dir}", *LEARN, "training.max_steps=32", "stage.beta=0.0",
+        "stage.rewards=[{_target_: train.run.rewards.digit_share, weight: 1.0}]", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    means = [row["reward"] for row in read_metrics(run_dir / "metrics.jsonl") if "reward" in row]
+    assert len(means) == 32
+    first, last = sum(means[:8]) / 8, sum(means[-4:]) / 4
+    assert first < 0.05 and last > 0.8, means
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 32 * 8 and samples[-1]["step"] == 32
+    assert samples[-1]["prompt"].startswith("What is ") and set(samples[-1]["rewards"]) == {"digit_share"}
+    late = [row["rewards"]["digit_share"] for row in samples if row["step"] == 32]
+    assert sum(late) / len(late) == pytest.approx(means[-1], abs=1e-6)
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_the_kl_reference_follows_the_method(tmp_path, tokenizer, method):
+    """Full fine-tuning scores the KL against a frozen copy of its starting weights (made from the policy:
+    TRL would reload a path the random model does not have); LoRA/QLoRA against the adapter disabled, no
+    copy. Two steps: the KL is 0 at step 1 (policy == reference) and positive after the first update."""
+    from train.model.build import build_model, compute_dtype
+    from train.run.grpo import build_grpo_trainer
+    from train.run.outputs import save_resolved_config
+    from train.run.trainer import training_args
+
+    varied = "stage.rewards=[{_target_: train.run.rewards.latin_share}]"  # differs between completions
+    cfg = composed(
+        *LEARN, f"method={method}", "training.max_steps=2", "stage.max_completion_length=4", varied
+    )
+    cfg.output_dir = str(tmp_path)
+    config = load_config(cfg)
+    save_resolved_config(cfg, tmp_path)
+    dataset, _, _ = prepare_from_config(config.data, tokenizer, max_length=512, objective="grpo")
+    dtype = compute_dtype(config.model.dtype)
+    model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method)
+    start = {name: t.detach().clone() for name, t in model.named_parameters() if "layers.0." in name}
+    trainer = build_grpo_trainer(
+        config, model, tokenizer, dataset, tmp_path, training_args(config, tmp_path, dtype)
+    )
+    if method == "full":
+        reference = dict(trainer.ref_model.named_parameters())
+        assert all(torch.equal(reference[name], value) for name, value in start.items())
+        assert not any(parameter.requires_grad for parameter in trainer.ref_model.parameters())
+    else:
+        assert trainer.ref_model is None  # TRL scores the reference with the adapter disabled
+    trainer.train()
+    kl = [row["kl"] for row in read_metrics(tmp_path / "metrics.jsonl") if "kl" in row]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 0, kl
+
+
+@pytest.mark.slow
+def test_grpo_generates_and_trains_alike_under_ddp_fsdp_and_zero3_with_uneven_completions(tmp_path):
+    """2 processes, one group each step; 4,000 stop tokens (3% of the vocabulary) end completions at random
+    lengths, so the ranks finish generating at different steps (a rank that stops stepping while the other
+    still needs the sharded weights would hang FSDP and ZeRO-3). TRL pads each rank's completions to its
+    longest and counts what follows a stop it does not know as completion, so the gathered lengths differ
+    exactly where the ranks stopped at different steps. The same rewards, lengths and losses step for step."""
+    stops = ",".join(str(token) for token in range(1000, 5000))  # Hydra parses 1,000 a second: no more
+    logged = {}
+    for launch in ("ddp", "fsdp", "zero3"):
+        (tmp_path / launch).mkdir()
+        run_dir, _ = launched(
+            tmp_path / launch, launch, "stage=grpo", "data=arithmetic_sample", "training.max_steps=2",
+            "training.per_device_train_batch_size=2", "stage.num_generations=4",
+            "stage.max_completion_length=64",
+            f"+training.generation_kwargs={{eos_token_id:[{stops}]}}",
+            "stage.rewards=[{_target_: train.run.rewards.length_within, weight: 1.0, max_tokens: 12}]",
+        )  # fmt: skip
+        rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "reward" in row]
+        logged[launch] = [
+            (row["reward"], row["completions/mean_length"], row["completions/min_length"], row["loss"])
+            for row in rows
+        ]
+    assert len(logged["ddp"]) == 2
+    assert any(row[2] < row[1] < 64 for row in logged["ddp"]), logged["ddp"]  # (min < mean < 64)
+    for launch in ("fsdp", "zero3"):
+        for got, expected in zip(logged[launch], logged["ddp"], strict=True):
+            assert got == pytest.approx(expected, abs=1e-4), launch
