@@ -42,6 +42,8 @@ def test_shipped_rewards_score_what_they_say(tokenizer):
     ]
     chat = [[{"role": "assistant", "content": "It is 12, then 42."}], "The answer: 7.0", "no number", "-3"]
     assert rewards.exact_answer(chat, answer=["42", "7", "1", None]) == [1.0, 1.0, 0.0, None]
+    with pytest.raises(ValueError, match="no 'answer' column; give each record"):
+        rewards.exact_answer(["1"])
     assert rewards.digit_share(["12 3", "a1", "", "ab"]) == [1.0, 0.5, 0.0, 0.0]
     assert rewards.latin_share(["abc", "абв", "aб", "123"]) == [1.0, 0.0, 0.5, 0.0]
 
@@ -105,6 +107,15 @@ def test_grpo_settings_are_checked_before_any_work(tmp_path):
     args = training_args(load_config(composed("stage=grpo", "data=sample")), tmp_path, torch.float32)
     assert (args.num_generations, args.generation_batch_size, args.steps_per_generation) == (4, 4, 2)
     assert args.reward_weights is None and args.beta == 0.04 and not hasattr(args, "max_length")
+    from train.run.grpo import reward_functions
+
+    two = (
+        "stage.rewards=[{_target_: train.run.rewards.length_within, max_tokens: 2, weight: 0.5}, "
+        "{_target_: train.run.rewards.ends_at_eot}]"
+    )
+    functions, weights = reward_functions(load_config(composed("stage=grpo", "data=sample", two)))
+    assert [f.__name__ for f in functions] == ["length_within", "ends_at_eot"] and weights == [0.5, 1.0]
+    assert functions[0](completion_ids=[[1, 2], [1, 2, 3]]) == [1.0, 0.0]  # max_tokens=2 bound
 
 
 # ── training ──────────────────────────────────────────────────────────────────────────────────

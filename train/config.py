@@ -571,7 +571,7 @@ def _grpo_problems(config: Config) -> list[str]:
             problems.append(f"{key}: give the function's import path as _target_ (and a weight)")
             continue
         try:
-            function = _locate(target)
+            function = import_target(target)
         except ImportError as error:
             problems.append(f"{key}._target_: {target} does not import ({error})")
             continue
@@ -600,7 +600,7 @@ def _grpo_problems(config: Config) -> list[str]:
     return problems
 
 
-def _locate(target: str):
+def import_target(target: str):
     """The object an import path names (Hydra's own resolution of ``_target_``)."""
     from hydra.utils import get_object
 

@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import grpo_trainer
 
-from train.config import Config, _locate
+from train.config import Config, import_target
 from train.model.build import build_peft_config
 from train.model.placement import Placement
 from train.run.outputs import METRICS_FILE, MetricsJsonl
@@ -66,12 +66,13 @@ def reward_functions(config: Config) -> tuple[list, list[float]]:
     functions, weights = [], []
     for reward in config.stage.rewards:
         settings = {key: value for key, value in dict(reward).items() if key not in ("_target_", "weight")}
-        target = _locate(reward["_target_"])
+        target = import_target(reward["_target_"])
         if isinstance(target, type):
             function = target(**settings)
+        elif settings:  # TRL logs each function under its __name__: the partial keeps the function's
+            function = functools.update_wrapper(functools.partial(target, **settings), target)
         else:
-            function = functools.partial(target, **settings) if settings else target
-            functools.update_wrapper(function, target) if settings else None
+            function = target
         functions.append(function)
         weights.append(float(reward.get("weight", 1.0)))
     return functions, weights

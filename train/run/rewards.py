@@ -43,10 +43,15 @@ def length_within(
     return [1.0 if min_tokens <= length <= max_tokens else 0.0 for length in lengths]
 
 
-def exact_answer(completions, answer: Sequence, **_) -> list[float | None]:
+def exact_answer(completions, answer: Sequence | None = None, **_) -> list[float | None]:
     """1.0 when the last number in the completion equals the row's ``answer`` (compared as numbers: "7",
     "7.0" and " 7." agree), else 0.0; None for a row without an answer. The check of verifiable-reward
     GRPO on arithmetic and GSM8K-style data: only the final number counts."""
+    if answer is None:
+        raise ValueError(
+            "exact_answer: the prompts have no 'answer' column; give each record of a format: prompts file "
+            "an answer (data=arithmetic_sample has one)"
+        )
     scores: list[float | None] = []
     for completion, expected in zip(completions, answer, strict=True):
         if expected is None:
