@@ -206,3 +206,47 @@ def test_grpo_generates_and_trains_alike_under_ddp_fsdp_and_zero3_with_uneven_co
     for launch in ("fsdp", "zero3"):
         for got, expected in zip(logged[launch], logged["ddp"], strict=True):
             assert got == pytest.approx(expected, abs=1e-4), launch
+
+
+def test_the_planner_counts_generation_and_the_reference_grpo_keeps():
+    from train.plan import reference_model
+    from train.plan.architecture import kv_cache_bytes_per_token
+    from train.plan.fit import planned_generation
+    from train.plan.memory import Generation
+    from train.plan.run import plan_memory
+
+    def config(*overrides: str):
+        return load_config(composed("stage=grpo", "data=arithmetic_sample", *overrides), check=False)
+
+    assert [reference_model(config(f"method={m}")) for m in ("lora", "qlora", "full")] == [
+        "base",
+        "base",
+        "weights",
+    ]
+    assert reference_model(config("stage.beta=0")) == "none"
+    # the default batch of 2 on 1 process holds half a group of 4: one group (4 sequences) generated at once
+    assert planned_generation(config()) == Generation(sequences=4, tokens=512)
+    assert planned_generation(config("launch=ddp", "launch.num_processes=8", "stage.num_generations=16")) == (
+        Generation(sequences=2, tokens=512)
+    )
+    big = config("model=8b", "method=qlora", "training.max_length=2048", "stage.num_generations=16")
+    generation = Generation(sequences=16, tokens=2048)
+    plain = plan_memory(
+        big.model, big.method, big.launch, seq_len=2048, batch=2, stage="grpo", reference="base"
+    )
+    with_generation = plan_memory(
+        big.model, big.method, big.launch, seq_len=2048, batch=2, stage="grpo", reference="base",
+        generation=generation,
+    )  # fmt: skip
+    kv = 16 * 2048 * kv_cache_bytes_per_token(big.model)  # bf16 on the GPUs the launch names
+    assert with_generation.per_gpu_bytes["generation"] == kv + 2 * 16 * big.model.vocab_size * 4
+    assert kv == 4 * 2**30  # 8B: 128 KiB a token, 32,768 tokens
+    assert with_generation.peak_bytes_per_gpu > plain.peak_bytes_per_gpu  # 4 GiB of cache over the step's
+    zero3 = config("model=8b", "method=full", "launch=zero3", "launch.num_processes=8")
+    sharded = plan_memory(
+        zero3.model, zero3.method, zero3.launch, seq_len=512, batch=1, stage="grpo", reference="weights",
+        generation=Generation(sequences=1, tokens=512),
+    )  # fmt: skip
+    # TRL gathers the whole model on every rank to generate: the 7 shards this rank does not hold
+    whole = 8 * sharded.per_gpu_bytes["weights"]
+    assert sharded.per_gpu_bytes["generation"] >= whole * 7 // 8 - 8

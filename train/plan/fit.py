@@ -7,7 +7,7 @@ import dataclasses
 
 from train.config import Config, ConfigError
 from train.plan.device import Device
-from train.plan.memory import Kernels, reference_model
+from train.plan.memory import Generation, Kernels, reference_model
 from train.plan.report import gib
 from train.plan.run import MemoryPlan, plan_memory
 
@@ -21,7 +21,23 @@ def plan_run(config: Config, device: Device, usable_fraction: float = 0.9) -> Me
         batch=training.per_device_train_batch_size, optim=training.optim,
         accumulation=training.gradient_accumulation_steps, device=device, usable_fraction=usable_fraction,
         stage=config.stage.name, reference=reference_model(config), kernels=planned_kernels(config, device),
+        generation=planned_generation(config),
     )  # fmt: skip
+
+
+def planned_generation(config: Config) -> Generation | None:
+    """GRPO's generation on one GPU: its share of the generation batch (whole groups of
+    ``stage.num_generations``, train.run.trainer.training_args), each prompt and completion within
+    ``training.max_length``."""
+    if config.stage.name != "grpo":
+        return None
+    import math
+
+    training, launch = config.training, config.launch
+    world = launch.num_processes * launch.num_machines
+    step = training.per_device_train_batch_size * training.gradient_accumulation_steps * world
+    batch = vars(training).get("generation_batch_size") or math.lcm(step, config.stage.num_generations)
+    return Generation(sequences=-(-batch // world), tokens=training.max_length)
 
 
 def planned_kernels(config: Config, device: Device) -> Kernels:

@@ -16,6 +16,7 @@ from train.config import STRATEGIES, Config, MethodConfig, ModelConfig
 from train.plan.architecture import (
     count_parameters,
     decoder_linear_parameters,
+    kv_cache_bytes_per_token,
     largest_linear,
     largest_tensor,
     largest_trainable_tensor,
@@ -338,7 +339,7 @@ def lm_head_bytes(
 # ── the reference model of DPO/KTO ──────────────────────────────────────────────────────
 # What a preference stage keeps to score its reference policy (train/run/preference.py), in words.
 REFERENCES = {
-    "none": "none (stage=sft and stage=rm keep no reference model)",
+    "none": "none (stage=sft and rm keep no reference model, nor grpo with stage.beta=0)",
     "weights": "a second, frozen copy of the weights in the compute dtype (full fine-tuning's ref_model)",
     "base": "none in memory: the base with the LoRA adapter disabled (peft), the run's starting model",
     "adapter": "a frozen fp32 copy of the adapter the run starts from (TRL's 'ref' adapter); base shared",
@@ -347,10 +348,13 @@ REFERENCES = {
 
 def reference_model(config: Config) -> str:
     """Which ``REFERENCES`` entry a run keeps, given its stage, method and ``stage.init_from``."""
-    if config.stage.name in ("sft", "rm"):
+    stage = config.stage
+    if stage.name in ("sft", "rm") or (stage.name == "grpo" and not stage.beta):
         return "none"
     if config.method.name == "full":
         return "weights"
+    if stage.name == "grpo":  # a new adapter on the start (an adapter run merged: train.run.preference)
+        return "base"
     init_from = config.stage.init_from
     return "adapter" if init_from and (Path(init_from) / "adapter").is_dir() else "base"
 
@@ -369,6 +373,26 @@ def reference_bytes(model: ModelConfig, method: MethodConfig, reference: str) ->
     if reference == "adapter":
         return DTYPE_BYTES["float32"] * adapter_parameters(model, method)
     return 0
+
+
+# ── GRPO's generation ───────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class Generation:
+    """What stage=grpo generates at once on one GPU: ``sequences`` completions (its share of GRPOConfig's
+    generation_batch_size), each up to ``tokens`` long, prompt included."""
+
+    sequences: int
+    tokens: int
+
+
+def generation_bytes(model: ModelConfig, generation: Generation, gathered_weights: int) -> int:
+    """The generation phase's working set (transformers' ``generate``): the KV cache of every sequence at its
+    longest (K and V per layer in the compute dtype: ``kv_cache_bytes_per_token`` counts bf16, 4 B for fp32),
+    the last position's logits in fp32 and their sampling probabilities, and, under ZeRO-3, the rest of
+    the weights: TRL gathers the whole model on every rank to generate (``ds3_gather_for_generation``)."""
+    kv = kv_cache_bytes_per_token(model) * compute_bytes(model) // 2
+    logits = 2 * generation.sequences * model.vocab_size * 4
+    return generation.sequences * generation.tokens * kv + logits + gathered_weights
 
 
 # ── per GPU under a launch strategy ─────────────────────────────────────────────────────
@@ -427,6 +451,7 @@ def per_gpu_bytes(
     kernels: Kernels = PLAIN,
     seq_len: int | None = None,
     context_parallel: int = 1,
+    generation: Generation | None = None,
 ) -> dict[str, int]:
     """Each part of one GPU's memory (one process's, ``on_gpu=False``), and the ``peak``: the resident
     states plus the larger of the backward's working set (autocast copies, activations, a packed batch's
@@ -437,6 +462,8 @@ def per_gpu_bytes(
     kept beside it (``REFERENCES``), sharded like the weights (TRL prepares it with the same FSDP/ZeRO-3
     engine; ZeRO-3 offload keeps it in CPU memory). ``cpu_total``: what ZeRO-3 offload keeps in host
     RAM, all GPUs; ``offloaded_activations``: what activation offloading keeps in host RAM, this process.
+    ``generation`` (GRPO): the generation phase (``generation_bytes``) comes before the step's forward and
+    backward, so the peak is the larger of the two phases on top of what stays resident.
 
     The trainer frees torch's gradients after each step (``zero_grad(set_to_none=True)``), and they grow
     as the backward frees activations, so the two phases do not add up; with ``accumulation`` > 1 the
@@ -491,6 +518,10 @@ def per_gpu_bytes(
         parts["peak"] = resident + grads + max(backward, step)
     else:
         parts["peak"] = resident + max(backward, grads + step)
+    if generation is not None:
+        gathered = states["weights"] - parts["weights"] if strategy in ("zero3", "zero3_offload") else 0
+        parts["generation"] = generation_bytes(model, generation, gathered)
+        parts["peak"] = max(parts["peak"], resident + parts["generation"])
     parts["cpu_total"] = cpu_total
     parts["offloaded_activations"] = offloaded
     held = sum(parts[key] for key in ("weights", "quant_statistics", "reference"))  # as loading placed them

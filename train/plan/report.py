@@ -74,7 +74,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"activations       {gib(plan.activations_bytes['with_checkpointing']):>17}  with checkpointing, "
         f"{gib(plan.activations_bytes['without_checkpointing'])} without; full fp32 logits would add "
         f"{gib(plan.logits_unfused_bytes)}",
-        *([_reference_line(plan)] if plan.stage not in ("sft", "rm") else []),
+        *([_reference_line(plan)] if plan.reference != "none" else []),
         "",
         f"per {unit} at the peak:",
         *(f"  {part:<16}{gib(size):>17}" for part, size in plan.per_gpu_bytes.items() if size),
@@ -119,6 +119,13 @@ def _load_rule(plan: MemoryPlan) -> str:
 
 
 def _peak_rule(plan: MemoryPlan) -> str:
+    rule = _step_rule(plan)
+    if plan.per_gpu_bytes.get("generation"):  # GRPO generates before each step: the larger phase counts
+        return f"the larger of resident + generation and {rule}"
+    return rule
+
+
+def _step_rule(plan: MemoryPlan) -> str:
     dora = " + dora_norm" if plan.per_gpu_bytes.get("dora_norm") else ""  # DoRA's weight-norm transient
     backward = f"autocast_copies + activations{dora} + attention_mask + lm_head_loss"
     if plan.strategy in ("zero2", "zero3", "zero3_offload"):  # DeepSpeed's gradient partitions are resident

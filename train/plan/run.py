@@ -18,6 +18,7 @@ from train.plan.memory import (
     KV_TABLE_TOKENS,
     PLAIN,
     SAVE_SHARD_BYTES,
+    Generation,
     Kernels,
     activation_bytes,
     checkpoint_bytes,
@@ -166,13 +167,14 @@ def plan_memory(
     stage: str = "sft",
     reference: str = "none",
     kernels: Kernels = PLAIN,
+    generation: Generation | None = None,
 ) -> MemoryPlan:
     """The plan for this run on ``launch`` (its strategy, its num_processes x num_machines GPUs) on
     ``device`` (default: the GPUs the launch names, ``Device.configured``), plus the smallest launch
     that fits on GPUs of that size (on a CPU device: on the launch's GPUs).
 
-    ``usable_fraction``: see ``recommend``; ``stage``: ``step_tokens``; ``reference``, ``kernels``:
-    ``per_gpu_bytes``.
+    ``usable_fraction``: see ``recommend``; ``stage``: ``step_tokens``; ``reference``, ``kernels``,
+    ``generation`` (GRPO): ``per_gpu_bytes``.
     """
     device = device or Device.configured(launch)
     resolved = device.resolve(model)
@@ -183,6 +185,7 @@ def plan_memory(
     parts = per_gpu_bytes(
         resolved, method, launch.strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
         reference=reference, on_gpu=on_gpu, kernels=kernels, seq_len=seq_len, context_parallel=launch.cp_size,
+        generation=generation,
     )  # fmt: skip
     load = parts["load"]
     gpu = device if on_gpu else Device.configured(launch)
