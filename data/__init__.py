@@ -8,7 +8,8 @@ Usable on its own (imports neither ``train`` nor ``launch``)::
 
 One pipeline prepares every objective (``data.prepare``): a reader turns a source into records
 (``data.readers``: chats; ``data.preference``: pairs or labelled completions), ``data.rows`` encodes them,
-and the pipeline caches rows and summary (``data.cache``, ``data.summary``).
+and the pipeline caches rows and summary (``data.cache``, ``data.summary``). Online RL reads prompts
+(``data.prompts``), which TRL renders itself.
 """
 
 import importlib
@@ -27,6 +28,7 @@ _PUBLIC = {
     "Preferences": "data.preference",
     "load_preferences": "data.preference",
     "unpaired": "data.preference",
+    "load_prompts": "data.prompts",
     "encode_conversations": "data.rows",
     "encode_preference": "data.rows",
     "encode_preference_records": "data.rows",
