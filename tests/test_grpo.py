@@ -250,3 +250,56 @@ def test_the_planner_counts_generation_and_the_reference_grpo_keeps():
     # TRL gathers the whole model on every rank to generate: the 7 shards this rank does not hold
     whole = 8 * sharded.per_gpu_bytes["weights"]
     assert sharded.per_gpu_bytes["generation"] >= whole * 7 // 8 - 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["rm", "grpo"])
+def test_a_stopped_run_resumes_with_the_rewards_and_losses_it_would_have_had(tmp_path, stage):
+    """A stop request (the stop file: what SIGTERM, USR1 and the Slurm job's traps go through) before the
+    first step: the run checkpoints after step 1 and stops; the same command with resume latest goes on,
+    and steps 2-4 log what the run never stopped logs: GRPO's sampled completions (every rank's RNG comes
+    back from the checkpoint), their rewards and the losses; a reward model's losses and accuracies."""
+    from train.run.run_dir import STOP_FILE, STOPPED_FILE
+
+    if stage == "grpo":
+        settings = [
+            *LEARN,
+            "training.max_steps=4",
+            "stage.max_completion_length=6",
+            "stage.num_generations=4",
+            "training.per_device_train_batch_size=4",
+            "stage.rewards=[{_target_: train.run.rewards.latin_share}]",
+        ]
+        keys = ("loss", "reward", "kl", "completions/mean_length")
+    else:
+        settings = [
+            "stage=rm",
+            "data=reward_sample",
+            "training.max_steps=4",
+            "training.logging_steps=1",
+            "training.report_to=[]",
+            "training.max_length=256",
+        ]
+        keys = ("loss", "accuracy", "margin")
+    settings += ["training.save_steps=100", "data.eval_split=0"]
+
+    def logged(run_dir):
+        rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+        return {row["step"]: tuple(row[key] for key in keys) for row in rows}
+
+    whole = tmp_path / "whole"
+    assert run_train(f"hydra.run.dir={whole}", *settings, cwd=tmp_path).returncode == 0
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / STOP_FILE).touch()
+    first = run_train(f"hydra.run.dir={stopped}", *settings, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (stopped / STOPPED_FILE).read_text().startswith("1 ")
+    resumed = run_train(
+        f"hydra.run.dir={stopped}", *settings, "training.resume_from_checkpoint=latest", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = logged(whole), logged(stopped)
+    assert list(expected) == [1, 2, 3, 4] and list(got) == [1, 2, 3, 4]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), (step, got[step], expected[step])
