@@ -281,11 +281,14 @@ def test_a_stopped_run_resumes_with_the_rewards_and_losses_it_would_have_had(tmp
             "training.max_length=256",
         ]
         keys = ("loss", "accuracy", "margin")
-    settings += ["training.save_steps=100", "data.eval_split=0"]
+    held_out = ["data.eval_split=4", "training.eval_steps=2"] if stage == "grpo" else ["data.eval_split=0"]
+    settings += ["training.save_steps=100", *held_out]
 
     def logged(run_dir):
-        rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
-        return {row["step"]: tuple(row[key] for key in keys) for row in rows}
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        steps = {row["step"]: tuple(row[key] for key in keys) for row in rows if "loss" in row}
+        evaluated = {row["step"]: row["eval_reward"] for row in rows if "eval_reward" in row}
+        return steps, evaluated
 
     whole = tmp_path / "whole"
     assert run_train(f"hydra.run.dir={whole}", *settings, cwd=tmp_path).returncode == 0
@@ -299,7 +302,23 @@ def test_a_stopped_run_resumes_with_the_rewards_and_losses_it_would_have_had(tmp
         f"hydra.run.dir={stopped}", *settings, "training.resume_from_checkpoint=latest", cwd=tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = logged(whole), logged(stopped)
+    (expected, expected_eval), (got, got_eval) = logged(whole), logged(stopped)
     assert list(expected) == [1, 2, 3, 4] and list(got) == [1, 2, 3, 4]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-5), (step, got[step], expected[step])
+    if stage == "grpo":  # held-out prompts: completions sampled and scored at steps 2 and 4
+        assert list(expected_eval) == [2, 4] and got_eval == pytest.approx(expected_eval, abs=1e-6)
+
+
+def test_a_grpo_search_maximizes_the_held_out_reward():
+    """Optuna minimizes what a run returns: minus GRPO's last held-out mean reward (its loss says nothing of
+    the policy), the last eval loss otherwise."""
+    from train.run.sweep import objective
+
+    history = [
+        {"eval_loss": 0.1, "eval_reward": 0.25},
+        {"loss": 0.0},
+        {"eval_loss": 0.0, "eval_reward": 0.75},
+    ]
+    assert objective(history, "grpo") == -0.75 and objective(history, "rm") == 0.0
+    assert objective([{"loss": 1.0}], "grpo") is None

@@ -186,7 +186,7 @@ def main(cfg: DictConfig) -> float | None:
     if trainer.is_world_process_zero():
         plot_loss(run_dir / METRICS_FILE, run_dir / LOSS_PLOT_FILE)
         log.info("done: %s", run_dir)
-    return objective(trainer.state.log_history)
+    return objective(trainer.state.log_history, stage)
 
 
 if __name__ == "__main__":

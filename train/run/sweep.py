@@ -21,15 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 
 SWEEP_FILE = "sweep.csv"
 SWEEP_PLOT_FILE = "sweep.png"
-COLUMNS = ("point", "overrides", "status", "final_loss", "eval_loss", "best_metric", "tokens_per_second",
-           "peak_memory_gb", "run_dir")  # fmt: skip
+COLUMNS = ("point", "overrides", "status", "final_loss", "eval_loss", "eval_reward", "best_metric",
+           "tokens_per_second", "peak_memory_gb", "run_dir")  # fmt: skip
 
 
-def objective(log_history: list[dict]) -> float | None:
-    """What a run returns to Hydra: its last eval loss (the evaluation at the end), None without one. The
+def objective(log_history: list[dict], stage: str = "sft") -> float | None:
+    """What a run returns to Hydra: its last eval loss (the evaluation at the end), None without one; for
+    stage=grpo, whose loss says nothing of how good the policy is, minus its last held-out mean reward. The
     Optuna sweeper minimizes it; the basic sweeper ignores it."""
-    evaluated = [row["eval_loss"] for row in log_history if "eval_loss" in row]
-    return float(evaluated[-1]) if evaluated else None
+    key, sign = ("eval_reward", -1.0) if stage == "grpo" else ("eval_loss", 1.0)
+    evaluated = [row[key] for row in log_history if row.get(key) is not None]
+    return sign * float(evaluated[-1]) if evaluated else None
 
 
 def searching(hydra_config) -> bool:
@@ -50,6 +52,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
         metrics = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []
         losses = [row["loss"] for row in metrics if "loss" in row]
         evaluated = [row["eval_loss"] for row in metrics if "eval_loss" in row]
+        rewards = [row["eval_reward"] for row in metrics if row.get("eval_reward") is not None]  # grpo
         final = {key: value for row in metrics for key, value in row.items()}
         rows.append(
             {
@@ -59,6 +62,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
                 # the last logged loss; a run shorter than logging_steps has only its mean train_loss
                 "final_loss": losses[-1] if losses else final.get("train_loss", ""),
                 "eval_loss": evaluated[-1] if evaluated else "",  # the held-out loss at the end: what ranks
+                "eval_reward": rewards[-1] if rewards else "",  # stage=grpo: the held-out mean reward
                 "best_metric": final.get("best_metric", ""),  # metric_for_best_model at its best checkpoint
                 "tokens_per_second": final.get("train_tokens_per_second", ""),
                 "peak_memory_gb": final.get("peak_memory_gb", ""),

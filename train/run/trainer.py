@@ -339,7 +339,8 @@ def watch_run(trainer: Trainer, config: Config, run_dir: Path) -> Trainer:
     )
     trainer.add_callback(StateBytes(run_dir))  # state_bytes/rank<k>.json: what each rank holds after step 1
     prompts = []  # samples.jsonl: what the model says at each eval and at the end (samples.count=0: nothing)
-    if trainer.eval_dataset is not None and config.stage.name != "rm":  # a reward model says nothing
+    # a reward model says nothing; GRPO writes its own completions (train.run.grpo.CompletionSamples)
+    if trainer.eval_dataset is not None and config.stage.name not in ("rm", "grpo"):
         prompts = sample_prompts(config.samples, trainer.eval_dataset, trainer.processing_class)
     if prompts:
         trainer.add_callback(
