@@ -233,8 +233,7 @@ def test_lora_config_fields_pass_through_and_typos_name_the_nearest_fields():
     )
     assert (
         "method.task_type: set by the run from stage.name (a causal LM: CAUSAL_LM; stage=rm, a reward model: "
-        "SEQ_CLS); remove it"
-        in (message)
+        "SEQ_CLS); remove it" in (message)
     )
     assert "method.inference_mode: set by the run from the stage (it trains;" in message
     assert "refuses" not in message  # the keys peft has no field for are not handed to it

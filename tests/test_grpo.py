@@ -242,6 +242,7 @@ def test_the_planner_counts_generation_and_the_reference_grpo_keeps():
     assert with_generation.per_gpu_bytes["generation"] == kv + 2 * 16 * big.model.vocab_size * 4
     assert kv == 4 * 2**30  # 8B: 128 KiB a token, 32,768 tokens
     assert with_generation.peak_bytes_per_gpu > plain.peak_bytes_per_gpu  # 4 GiB of cache over the step's
+    assert with_generation.recommended.peak_bytes_per_gpu == with_generation.peak_bytes_per_gpu  # 1 GPU
     zero3 = config("model=8b", "method=full", "launch=zero3", "launch.num_processes=8")
     sharded = plan_memory(
         zero3.model, zero3.method, zero3.launch, seq_len=512, batch=1, stage="grpo", reference="weights",

@@ -63,6 +63,7 @@ def recommend(
     reference: str = "none",
     kernels: Kernels = PLAIN,
     seq_len: int | None = None,
+    generation: Generation | None = None,
 ) -> Recommendation | None:
     """The fewest GPUs of this size that fit the run, and the first strategy (in ``STRATEGIES`` order:
     single, ddp, zero2, fsdp, zero3) that fits there; ZeRO-3 offload only when none fits at any count.
@@ -70,13 +71,15 @@ def recommend(
     ``usable_fraction`` leaves room that the planner does not count: the CUDA context, the caching
     allocator's fragmentation and NCCL's buffers take about a tenth of a GPU in practice.
     ``gpus_per_node`` is an HGX/DGX node's eight. ``model.dtype`` is resolved (``Device.resolve``).
+    ``generation`` (GRPO): each GPU's generation as the run's launch has it, counted for every candidate
+    (more GPUs would each generate fewer sequences: an upper bound).
     """
     usable = usable_fraction * gpu_memory_bytes
 
     def peak(strategy: str, gpus: int) -> int:
         parts = per_gpu_bytes(
             model, method, strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
-            reference=reference, kernels=kernels, seq_len=seq_len,
+            reference=reference, kernels=kernels, seq_len=seq_len, generation=generation,
         )  # fmt: skip
         return max(parts["peak"], parts["load"])  # training, or loading before it
 
@@ -216,7 +219,7 @@ def plan_memory(
         recommended=recommend(gpu.resolve(model), method, tokens=tokens, optim=optim,
                               gpu_memory_bytes=gpu.memory_bytes, accumulation=accumulation,
                               usable_fraction=usable_fraction, reference=reference, kernels=kernels,
-                              seq_len=seq_len),
+                              seq_len=seq_len, generation=generation),
         recommended_on=gpu.name,
         assumptions=_assumptions(model, resolved, method, launch.strategy, optim, usable_fraction, device),
     )  # fmt: skip
