@@ -18,7 +18,7 @@ from train.model.build import build_model
 from train.run.outputs import read_metrics
 
 REWARD_SAMPLE = REPO / "data" / "samples" / "reward_sample.jsonl"
-# 24 steps at batch 2 over the 66 training pairs of data=reward_sample; evaluation on its 14 held-out
+# 24 steps at batch 2 over the 54 training pairs of data=reward_sample; evaluation on its 14 held-out
 # pairs (7 whole prompts) at steps 8, 16 and 24
 LEARN = [*STEADY, "stage=rm", "data=reward_sample", "training.max_steps=24", "training.eval_steps=8"]
 
@@ -102,7 +102,7 @@ def reward_runs(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_reward_model_learns_the_sample_and_loads_in_plain_transformers(reward_runs, method, tokenizer):
-    """Trained on 66 pairs, it ranks the 14 held-out ones (prompts it never saw) well above chance, and what
+    """Trained on 54 pairs, it ranks the 14 held-out ones (prompts it never saw) well above chance, and what
     it saved, loaded by plain transformers (and peft), ranks them exactly as the run's last evaluation
     did; the model it started from had next to no preference (its new head is drawn at std 0.02)."""
     from peft import PeftModel

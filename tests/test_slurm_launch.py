@@ -210,6 +210,27 @@ def test_a_two_node_zero3_job_is_one_world_and_trains_like_ddp(slurm, uninterrup
         assert loss == pytest.approx(reference, abs=1e-4), step
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_two_node_grpo_job_generates_on_both_nodes_and_trains(slurm, tmp_path):  # noqa: F811
+    """stage=grpo as a 2-node job: each node's process generates its half of a group (2 of 4 completions),
+    the rewards are gathered across nodes, and the job ends with the adapter saved."""
+    _, env = slurm
+    run_dir = tmp_path / "grpo"
+    job = submit(
+        run_dir, env, "stage=grpo", "data=arithmetic_sample", "training.max_steps=2",
+        "training.per_device_train_batch_size=2", "stage.num_generations=4", "stage.max_completion_length=8",
+        "stage.rewards=[{_target_: train.run.rewards.latin_share}]",
+    )  # fmt: skip
+    log = finished(run_dir, job, wait_for_end(job, env))
+    assert "launch=slurm: 2 process(es), engine MULTI_CPU, backend gloo" in log
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [(row["step"], row["reward"]) for row in rows if "reward" in row]
+    assert [step for step, _ in rewards] == [1, 2] and all(0 <= reward <= 1 for _, reward in rewards)
+    completions = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(completions) == 2 * 4  # each step's whole group, gathered from both nodes
+
+
 def expect_resumed_run(run_dir: Path, uninterrupted_dir: Path, state: dict, restarts: int = 1) -> None:
     """One continuous log, each step once, with the losses of the run that was never interrupted:
     the resumed run restored the weights, the optimizer and the data order."""
