@@ -20,7 +20,7 @@ from train.run.outputs import read_metrics
 REWARD_SAMPLE = REPO / "data" / "samples" / "reward_sample.jsonl"
 # 24 steps at batch 2 over the 54 training pairs of data=reward_sample; evaluation on its 14 held-out
 # pairs (7 whole prompts) at steps 8, 16 and 24
-LEARN = [*STEADY, "stage=rm", "data=reward_sample", "training.max_steps=24", "training.eval_steps=8"]
+LEARN = ["+experiment=tiny_rm", *STEADY]  # the README's recipe, logging every step
 
 
 def test_reward_rows_are_the_whole_sequences_dpo_splits(tokenizer):
