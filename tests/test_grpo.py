@@ -56,11 +56,23 @@ def test_prompts_come_from_a_prompt_file_with_their_columns_or_from_any_chat_sou
         {"role": "user", "content": "What is 97 - 53? Answer with the number only."}
     ]
     assert dataset[0]["answer"] == "44" and "columns for the rewards: answer" in str(summary)
+    from train.chat import prompt_ids  # our encoder, up to the assistant header the reply follows
+
+    for prompt in dataset["prompt"]:  # as TRL renders each (apply_chat_template, generation prompt)
+        rendered = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        assert rendered["input_ids"] == prompt_ids(prompt, tokenizer)
     chats, _ = load_prompts(SAMPLES / "sharegpt_sample.jsonl", "sharegpt")
     first = json.loads((SAMPLES / "sharegpt_sample.jsonl").read_text().splitlines()[0])["conversations"]
     last_reply = max(i for i, turn in enumerate(first) if turn["from"] == "gpt")
     assert len(chats[0]["prompt"]) == last_reply and chats[0]["prompt"][-1]["role"] == "user"
     assert chats[0]["reference"] == first[last_reply]["value"]
+    for prompt in chats["prompt"]:  # system prompts and earlier turns included
+        rendered = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        assert rendered["input_ids"] == prompt_ids(prompt, tokenizer)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
         json.dumps({"prompt": "fine", "answer": "1"}) + "\n"

@@ -469,12 +469,14 @@ def test_parquet_round_trip(tmp_path):
 
 # ── every shipped chat data config reads cleanly and encodes like the official template ──
 def data_configs() -> list[dict]:
-    """The chat sources; preference data (stage=dpo/kto) has its own readers, tested in test_preference."""
+    """The chat sources; preference data (stage=dpo/kto/rm) has its own readers, tested in test_preference,
+    and prompts (stage=grpo) theirs, in test_grpo."""
     OmegaConf.register_new_resolver("sample", sample_path, replace=True)
     files = sorted((REPO / "conf" / "data").glob("*.yaml"))
     configs = [OmegaConf.to_container(OmegaConf.load(file), resolve=True) for file in files]
     # a mixture (data.sources) names no format of its own: its sources are these files' formats
-    return [data for data in configs if "sources" not in data and data["format"] not in ("preference", "kto")]
+    not_chats = ("preference", "kto", "prompts")
+    return [data for data in configs if "sources" not in data and data["format"] not in not_chats]
 
 
 @pytest.mark.parametrize("data", data_configs(), ids=lambda data: data["name"])
