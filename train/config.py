@@ -590,7 +590,8 @@ def _grpo_problems(config: Config) -> list[str]:
 
         if importlib.util.find_spec("vllm") is None:
             problems.append(
-                "stage.use_vllm: vllm is not installed (pip install -e '.[vllm]', on a CUDA machine); "
+                "stage.use_vllm: vllm is not installed (pip install -e '.[vllm]': TRL's supported vLLM, on a "
+                "CUDA machine); "
                 "stage.use_vllm=false generates with transformers"
             )
         elif not _has_cuda():
