@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, load_config, register_configs
+from train.config import FRESH_START_STAGES, ConfigError, load_config, register_configs
 from train.plan import check_fits
 from train.run.launch_env import launch_from_environment
 
@@ -139,7 +139,7 @@ def main(cfg: DictConfig) -> float | None:
     #    FSDP/ZeRO-3 (train/model/placement.py); QLoRA there is a skeleton until step 0, when rank 0 quantizes
     #    one tensor at a time into each rank's shard (train/model/quantized_loading.py); the LoRA adapter is
     #    applied by the trainer ──
-    if stage in ("rm", "grpo"):  # rm: the decoder under a reward head; an adapter run merged first
+    if stage in FRESH_START_STAGES:  # rm: the decoder under a reward head; an adapter run merged first
         model = fresh_start(config, tokenizer, dtype, placement, reward=stage == "rm")
     elif config.stage.init_from is None:
         model = build_model(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ from train.run.run_dir import CONFIG_FILE, run_config
 
 METHODS = ("full", "lora", "qlora")
 STAGES = ("sft", "dpo", "kto", "rm", "grpo")
+# The stages that start from the base or a finished run's weights, an adapter run merged into its base
+# (train.run.preference.fresh_start), never from an adapter that goes on training
+FRESH_START_STAGES = ("rm", "grpo")
 # What each stage trains on (data.readers.FORMATS, data.preference.PREFERENCE_FORMATS): OpenAssistant trees
 # give chat threads to SFT and ranked reply pairs to DPO/KTO/RM; KTO also takes pairs, unpaired as TRL does.
 STAGE_FORMATS = {
@@ -601,6 +605,20 @@ def _grpo_problems(config: Config) -> list[str]:
     return problems
 
 
+def generation_batch_size(config: Config) -> int:
+    """GRPO's completions generated at once, all processes together: ``training.generation_batch_size`` when
+    given, a step's batch times ``training.steps_per_generation`` when that is, else the fewest whole steps
+    that hold whole groups of ``stage.num_generations`` (TRL then takes several optimizer steps on one
+    generation, its steps_per_generation)."""
+    training, launch = vars(config.training), config.launch
+    if training.get("generation_batch_size"):
+        return training["generation_batch_size"]
+    batch = training["per_device_train_batch_size"] * launch.num_processes * launch.num_machines
+    if training.get("steps_per_generation"):
+        return batch * training["steps_per_generation"]
+    return math.lcm(batch * training["gradient_accumulation_steps"], config.stage.num_generations)
+
+
 def import_target(target: str):
     """The object an import path names (Hydra's own resolution of ``_target_``)."""
     from hydra.utils import get_object
@@ -675,7 +693,7 @@ def _init_problems(config: Config) -> list[str]:
         if getattr(previous.model, name) != getattr(model, name)
     ]
     continues = method.name in (previous.method.name, "full")  # the adapter trains on, or is merged
-    fresh = stage.name in ("rm", "grpo")  # these start from an adapter run merged (train.run.preference)
+    fresh = stage.name in FRESH_START_STAGES
     if fresh and previous.method.name != "full" and method.name == "qlora":
         problems.append(
             f"method=qlora: {start} trained a {previous.method.name} adapter; stage={stage.name} starts from "

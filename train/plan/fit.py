@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, generation_batch_size
 from train.plan.device import Device
 from train.plan.memory import Generation, Kernels, reference_model
 from train.plan.report import gib
@@ -26,18 +26,14 @@ def plan_run(config: Config, device: Device, usable_fraction: float = 0.9) -> Me
 
 
 def planned_generation(config: Config) -> Generation | None:
-    """GRPO's generation on one GPU: its share of the generation batch (whole groups of
-    ``stage.num_generations``, train.run.trainer.training_args), each prompt and completion within
+    """GRPO's generation on one GPU: its share of the generation batch
+    (``train.config.generation_batch_size``, as the run passes it to TRL), each prompt and completion within
     ``training.max_length``."""
     if config.stage.name != "grpo":
         return None
-    import math
-
-    training, launch = config.training, config.launch
-    world = launch.num_processes * launch.num_machines
-    step = training.per_device_train_batch_size * training.gradient_accumulation_steps * world
-    batch = vars(training).get("generation_batch_size") or math.lcm(step, config.stage.num_generations)
-    return Generation(sequences=-(-batch // world), tokens=training.max_length)
+    world = config.launch.num_processes * config.launch.num_machines
+    batch = generation_batch_size(config)
+    return Generation(sequences=-(-batch // world), tokens=config.training.max_length)
 
 
 def planned_kernels(config: Config, device: Device) -> Kernels:

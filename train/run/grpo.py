@@ -28,10 +28,9 @@ from trl.trainer import grpo_trainer
 from train.config import Config, import_target
 from train.model.build import build_peft_config
 from train.model.placement import Placement
-from train.run.outputs import METRICS_FILE, MetricsJsonl
 from train.run.preference import reference_copy
 from train.run.samples import SAMPLES_FILE
-from train.run.trainer import ShardedOnCpu, configure_wandb, evaluates_on, keep_adapters_fp32, watch_run
+from train.run.trainer import ShardedOnCpu, keep_adapters_fp32, stage_trainer
 
 
 class LlamaGRPOTrainer(ShardedOnCpu, GRPOTrainer):
@@ -116,24 +115,15 @@ def build_grpo_trainer(
 ) -> GRPOTrainer:
     """TRL's GRPOTrainer on ``dataset``'s prompts with the config's reward functions; ``args`` from
     ``train.run.trainer.training_args`` (``stage.*`` as GRPOConfig settings)."""
-    if "wandb" in config.training.report_to:
-        configure_wandb(config, run_dir)
-    evaluates_on(eval_dataset, args)
     functions, weights = reward_functions(config)
     args.reward_weights = weights
     reference = None
     if config.method.name == "full" and config.stage.beta:
         reference = reference_copy(model, args, placement)
-    trainer = LlamaGRPOTrainer(
-        model=model,
-        reward_funcs=functions,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,  # TRL's eval rewards on held-out prompts
-        processing_class=tokenizer,
-        peft_config=build_peft_config(config.method),
-        callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
+    trainer = stage_trainer(
+        LlamaGRPOTrainer, config, run_dir, args, eval_dataset, model=model, reward_funcs=functions,
+        train_dataset=dataset, processing_class=tokenizer, peft_config=build_peft_config(config.method),
         reference=reference,
-    )
+    )  # fmt: skip
     trainer.add_callback(CompletionSamples(trainer, run_dir / SAMPLES_FILE))
-    return watch_run(trainer, config, run_dir)
+    return trainer

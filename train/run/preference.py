@@ -43,9 +43,9 @@ from train.model.build import (
     weights_dtype,
 )
 from train.model.placement import Placement
-from train.run.outputs import METRICS_FILE, MetricsJsonl, final_dir
+from train.run.outputs import final_dir
 from train.run.run_dir import run_config
-from train.run.trainer import ShardedOnCpu, configure_wandb, evaluates_on, keep_adapters_fp32, watch_run
+from train.run.trainer import ShardedOnCpu, keep_adapters_fp32, stage_trainer
 
 
 class LlamaDPOTrainer(ShardedOnCpu, DPOTrainer):
@@ -303,20 +303,11 @@ def build_preference_trainer(
     """TRL's trainer for ``stage.name`` (dpo or kto) on prepared preference rows, with ``args`` from
     ``train.run.trainer.training_args`` (``stage.*`` as DPOConfig/KTOConfig settings) and the callbacks every
     run has (metrics, launch check, checkpoints)."""
-    if "wandb" in config.training.report_to:
-        configure_wandb(config, run_dir)
-    evaluates_on(eval_dataset, args)
     adapter = isinstance(model, PeftModel)  # an adapter a run started from: it trains on (init_model)
     reference = reference_copy(model, args, placement) if config.method.name == "full" else None
-    trainer = _TRAINERS[config.stage.name](
-        model=model,
-        ref_model=reference,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,  # TRL's eval rewards and margins, with the eval loss
-        processing_class=tokenizer,
+    return stage_trainer(  # evaluation logs TRL's rewards and margins with the eval loss
+        _TRAINERS[config.stage.name], config, run_dir, args, eval_dataset, model=model, ref_model=reference,
+        train_dataset=dataset, processing_class=tokenizer,
         peft_config=None if adapter else build_peft_config(config.method),
-        callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
         cpu_fused_lm_head=config.training.cpu_fused_lm_head,
-    )
-    return watch_run(trainer, config, run_dir)
+    )  # fmt: skip

@@ -20,8 +20,7 @@ from trl import RewardConfig, RewardTrainer
 
 from train.config import Config
 from train.model.build import build_peft_config
-from train.run.outputs import METRICS_FILE, MetricsJsonl
-from train.run.trainer import ShardedOnCpu, configure_wandb, evaluates_on, keep_adapters_fp32, watch_run
+from train.run.trainer import ShardedOnCpu, keep_adapters_fp32, stage_trainer
 
 
 class LlamaRewardTrainer(ShardedOnCpu, RewardTrainer):
@@ -43,17 +42,9 @@ def build_reward_trainer(
     eval_dataset: Dataset | None = None,
 ) -> RewardTrainer:
     """TRL's RewardTrainer on prepared reward rows, with ``args`` from ``train.run.trainer.training_args``
-    (``training.*`` as RewardConfig settings) and the callbacks every run has."""
-    if "wandb" in config.training.report_to:
-        configure_wandb(config, run_dir)
-    evaluates_on(eval_dataset, args)
-    trainer = LlamaRewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,  # TRL's eval accuracy and margin, with the eval loss
-        processing_class=tokenizer,
-        peft_config=build_peft_config(config.method, reward=True),
-        callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
-    )
-    return watch_run(trainer, config, run_dir)
+    (``training.*`` as RewardConfig settings) and the callbacks every run has. Evaluation logs TRL's
+    accuracy and margin with the eval loss."""
+    return stage_trainer(
+        LlamaRewardTrainer, config, run_dir, args, eval_dataset, model=model, train_dataset=dataset,
+        processing_class=tokenizer, peft_config=build_peft_config(config.method, reward=True),
+    )  # fmt: skip

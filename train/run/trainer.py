@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from trl import SFTConfig, SFTTrainer
 
-from train.config import STAGE_SETTINGS, TRL_CONFIGS, Config, trl_settings
+from train.config import STAGE_SETTINGS, TRL_CONFIGS, Config, generation_batch_size, trl_settings
 from train.model.build import attention_implementation, build_peft_config
 from train.model.fast_path import fast_path
 from train.model.placement import ReleaseLoadingMemory, shard_with_fsdp_on_cpu
@@ -68,12 +68,9 @@ def training_args(config: Config, run_dir: Path, dtype: torch.dtype) -> Training
             training.pop(not_grpo, None)
         if config.stage.use_vllm:
             settings["vllm_mode"] = "colocate"  # vLLM in each training process, sharing its GPU
+        if not {"generation_batch_size", "steps_per_generation"} & training.keys():  # else TRL's, from those
+            settings["generation_batch_size"] = generation_batch_size(config)  # whole groups
         world = config.launch.num_processes * config.launch.num_machines
-        if not {"generation_batch_size", "steps_per_generation"} & training.keys():
-            # whole groups of completions per generation: a step's batch, or the fewest steps that hold whole
-            # groups (TRL then takes several optimizer steps per generation, steps_per_generation)
-            step = training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] * world
-            settings["generation_batch_size"] = math.lcm(step, config.stage.num_generations)
         # evaluation generates whole groups too (TRL: the global eval batch divisible by num_generations)
         evaluated = training["per_device_eval_batch_size"] * world
         training["per_device_eval_batch_size"] = math.lcm(evaluated, config.stage.num_generations) // world
@@ -293,18 +290,29 @@ def build_trainer(
     eval_dataset: Dataset | None = None,
 ) -> SFTTrainer:
     """TRL's SFTTrainer on the encoded dataset; it folds ``assistant_masks`` into the labels itself."""
+    return stage_trainer(
+        LlamaSFTTrainer, config, run_dir, args, eval_dataset, model=model, train_dataset=dataset,
+        processing_class=tokenizer, peft_config=build_peft_config(config.method),
+        cpu_fused_lm_head=config.training.cpu_fused_lm_head,
+    )  # fmt: skip
+
+
+def stage_trainer(
+    trainer_class: type[Trainer],
+    config: Config,
+    run_dir: Path,
+    args: TrainingArguments,
+    eval_dataset: Dataset | None,
+    **arguments,
+) -> Trainer:
+    """``trainer_class(args=args, eval_dataset=eval_dataset, **arguments)`` as every stage builds it:
+    wandb's settings first when the run reports there, evaluation only with rows to evaluate on
+    (``evaluates_on``), each log to ``metrics.jsonl``, and what ``watch_run`` attaches."""
     if "wandb" in config.training.report_to:
         configure_wandb(config, run_dir)
     evaluates_on(eval_dataset, args)
-    trainer = LlamaSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=build_peft_config(config.method),
-        callbacks=[MetricsJsonl(run_dir / METRICS_FILE)],
-        cpu_fused_lm_head=config.training.cpu_fused_lm_head,
+    trainer = trainer_class(
+        args=args, eval_dataset=eval_dataset, callbacks=[MetricsJsonl(run_dir / METRICS_FILE)], **arguments
     )
     return watch_run(trainer, config, run_dir)
 
