@@ -190,7 +190,7 @@ def test_a_reward_model_trains_alike_under_ddp_fsdp_and_zero3(tmp_path, sft_runs
 
 
 @pytest.mark.slow
-def test_a_reward_model_starts_from_an_sft_run_on_every_kind_of_run(sft_runs, tokenizer):
+def test_a_reward_model_starts_from_an_sft_run_on_every_kind_of_run(sft_runs, tokenizer, tmp_path):
     """From a full SFT run its decoder is the run's model/ (under every launch:
     test_a_reward_model_trains_alike_under_ddp_fsdp_and_zero3); from a LoRA SFT run the adapter merged into
     its base; either way under a new head. QLoRA from an adapter run is refused before any work, saying what
@@ -215,6 +215,15 @@ def test_a_reward_model_starts_from_an_sft_run_on_every_kind_of_run(sft_runs, to
         load_config(
             composed("stage=rm", "data=reward_sample", f"stage.init_from={sft['lora']}", "method=qlora")
         )
+    # the merged adapter under a new head under ZeRO-3, where building the head's model partitioned it
+    # before it was initialized (IndexError on the embedding's padding row) until new_reward_model
+    (tmp_path / "zero3").mkdir()
+    run_dir, log = launched(
+        tmp_path / "zero3", "zero3", "stage=rm", "data=reward_sample", "method=lora", "training.max_steps=2",
+        f"stage.init_from={sft['lora']}",
+    )  # fmt: skip
+    assert "model DeepSpeedEngine, ZeRO-3" in log
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_the_planner_counts_a_reward_model_without_a_reference_and_both_sequences_of_a_pair():

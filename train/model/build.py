@@ -114,14 +114,20 @@ def build_model(
         return finished(loaded, tokenizer)
     config = llama_config(model, tokenizer)
     config._attn_implementation = attn_implementation
+    if reward:
+        return finished(new_reward_model(config, seed).to(dtype), tokenizer)
     with seeded(seed):
-        if reward:
-            config.num_labels = 1
-            # whole on every rank, as the causal LM here: its decoder comes from AutoModel.from_config, which
-            # under ZeRO-3 would partition it at once (zero.Init) before post_init initializes it whole
-            with set_zero3_state():
-                return finished(LlamaForSequenceClassification(config).to(dtype), tokenizer)
         return finished(LlamaForCausalLM(config).to(dtype), tokenizer)
+
+
+def new_reward_model(config: LlamaConfig, seed: int) -> LlamaForSequenceClassification:
+    """A reward model of ``config``'s architecture (one output), its weights drawn from ``seed``: whole on
+    every rank, as the causal LM is built here. Its decoder comes from ``AutoModel.from_config``, which under
+    ZeRO-3 would partition it at once (zero.Init) before ``post_init`` initializes it whole (an IndexError
+    on the embedding's padding row); ``set_zero3_state`` keeps zero.Init out."""
+    config.num_labels = 1
+    with seeded(seed), set_zero3_state():
+        return LlamaForSequenceClassification(config)
 
 
 @contextlib.contextmanager

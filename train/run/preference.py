@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
-from transformers import LlamaForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.trainer import dpo_trainer, kto_trainer
 from trl.trainer.utils import FusedCausalLMOutput, global_then_local_main_first
@@ -39,7 +39,7 @@ from train.model.build import (
     compute_dtype_of,
     finished,
     load_checkpoint,
-    seeded,
+    new_reward_model,
     weights_dtype,
 )
 from train.model.placement import Placement
@@ -245,10 +245,8 @@ def fresh_start(
             base, tokenizer, dtype=dtype, seed=seed, method=config.method, placement=placement, reward=reward
         )
     merged, _ = merged_model(Path(config.stage.init_from))
-    if reward:
-        merged.config.num_labels = 1
-        with seeded(seed):
-            head = LlamaForSequenceClassification(merged.config)
+    if reward:  # the merged decoder under a new head
+        head = new_reward_model(merged.config, seed)
         head.model.load_state_dict(merged.model.state_dict())
         merged = head
     full = config.method.name == "full"
