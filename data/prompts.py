@@ -26,6 +26,7 @@ from data.chat import validate_messages
 from data.held_out import GROUP, group_of
 from data.readers import ReadResult, load_conversations, reporter
 from data.sources import DataError, read_records
+from data.summary import drop_lines
 
 PROMPT_FORMAT = "prompts"
 REFERENCE = "reference"  # the column of a chat source's own last reply
@@ -45,8 +46,7 @@ class PromptSummary:
     def __str__(self) -> str:
         extra = f"; columns for the rewards: {', '.join(self.columns)}" if self.columns else ""
         lines = [f"{self.source}", f"  {self.prompts} prompts{extra}"]
-        lines += [f"  dropped {count} × {reason}" for reason, count in self.dropped.items()]
-        lines += [f"    e.g. {example}" for example in self.examples]
+        lines += drop_lines(self)
         return "\n".join(lines + ([f"  {self.held_out}"] if self.held_out else []))
 
 

@@ -69,8 +69,7 @@ class PreferenceSummary:
 def summary_details(summary: PrepareSummary | PreferenceSummary, lengths: str) -> list[str]:
     """The lines a summary ends with: drops by reason, the first of each, a histogram of
     ``summary.length_histogram`` (``lengths`` says what was measured), and where it was saved."""
-    lines = [f"  dropped {count} × {reason}" for reason, count in summary.dropped.items()]
-    lines += [f"    e.g. {example}" for example in summary.examples]
+    lines = drop_lines(summary)
     widest = max(summary.length_histogram.values(), default=1)
     lines.append(f"  length ({lengths}, before truncation):")
     lines += [
@@ -82,6 +81,12 @@ def summary_details(summary: PrepareSummary | PreferenceSummary, lengths: str) -
     if summary.held_out:
         lines.append(f"  {summary.held_out}")
     return lines
+
+
+def drop_lines(summary) -> list[str]:
+    """What a reader or encoder left out, by reason (``summary.dropped``), and the first of each."""
+    lines = [f"  dropped {count} × {reason}" for reason, count in summary.dropped.items()]
+    return lines + [f"    e.g. {example}" for example in summary.examples]
 
 
 def length_histogram(lengths: Sequence[int] | np.ndarray, max_length: int) -> dict[str, int]:

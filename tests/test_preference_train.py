@@ -388,7 +388,7 @@ def test_start_from_a_run_is_checked_before_any_work(sft_run, tmp_path):
     )
     assert "trained a lora adapter" in problems(f"stage.init_from={sft_run}", "method=qlora")
     with pytest.raises(
-        ConfigError, match=r"stage.init_from: starting from another run is for stage=dpo, kto or rm"
+        ConfigError, match=r"stage.init_from: starting from another run is for stage=dpo, kto, rm or grpo"
     ):
         load_config(composed(f"stage.init_from={sft_run}"))
 

@@ -273,9 +273,7 @@ class StageConfig:
     """
 
     name: str = "sft"  # a default, not MISSING: run directories written before stages existed are sft runs
-    init_from: str | None = (
-        None  # dpo/kto/rm: a finished run directory to start from (its adapter/ or model/)
-    )
+    init_from: str | None = None  # all but sft: a finished run directory (its adapter/ or model/)
     init_config: str | None = None  # the config.yaml of init_from's run, resolved from it (a record)
     beta: float | None = None
     loss_type: Any = None  # dpo: a list of DPOConfig loss types; kto: kto or apo_zero_unpaired
@@ -557,8 +555,8 @@ def _stage_problems(config: Config) -> list[str]:
 
 
 def _grpo_problems(config: Config) -> list[str]:
-    """GRPO's reward functions (each importable, with a number as its weight), its batch (a whole number of
-    groups per generation batch) and vLLM (installed, on a GPU)."""
+    """GRPO's reward functions (each importable, with a number as its weight), its groups (2 completions
+    at least), vLLM (installed, on a GPU) and its one prompt source."""
     stage = config.stage
     problems = []
     rewards = stage.rewards
@@ -592,13 +590,14 @@ def _grpo_problems(config: Config) -> list[str]:
     if stage.use_vllm:
         import importlib.util
 
+        import torch
+
         if importlib.util.find_spec("vllm") is None:
             problems.append(
                 "stage.use_vllm: vllm is not installed (pip install -e '.[vllm]': TRL's supported vLLM, on a "
-                "CUDA machine); "
-                "stage.use_vllm=false generates with transformers"
+                "CUDA machine); stage.use_vllm=false generates with transformers"
             )
-        elif not _has_cuda():
+        elif not torch.cuda.is_available():
             problems.append("stage.use_vllm: vLLM generates on a GPU and none is visible here")
     if config.data.sources:
         problems.append("data.sources: stage=grpo reads one prompt source (data.path) for now")
@@ -627,12 +626,6 @@ def import_target(target: str):
         return get_object(target)
     except Exception as error:  # Hydra wraps every failure to import in its own error
         raise ImportError(str(error).splitlines()[0]) from None
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _format_problem(stage: str, data: DataConfig, key: str = "data") -> str:
@@ -670,7 +663,7 @@ def _init_problems(config: Config) -> list[str]:
     start = Path(stage.init_from)
     key = "stage.init_from"
     if stage.name == "sft":
-        return [f"{key}: starting from another run is for stage=dpo, kto or rm; remove it"]
+        return [f"{key}: starting from another run is for stage=dpo, kto, rm or grpo; remove it"]
     if not start.is_dir():
         return [f"{key}: {start} is not a directory; point it at a finished SFT run (outputs/<date>/<time>)"]
     if not (start / CONFIG_FILE).is_file():

@@ -143,8 +143,7 @@ class RewardModel:
                 batch = sequences[start : start + self.batch_size]
                 width = max(map(len, batch))
                 ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch], device=self.device)
-                mask = (torch.arange(width, device=self.device)[None] < torch.tensor([len(s) for s in batch],
-                        device=self.device)[:, None]).long()  # fmt: skip
+                mask = (ids != pad).long()  # the pad token is never inside an encoded chat
                 scores += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         return scores
 
