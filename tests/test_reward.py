@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO, run_train
 from test_config import composed
-from test_launch import launched
+from test_launch import SHORT, launched
 from test_preference_train import STEADY
 
 from data import encode_preference_records, load_preferences, prepare_from_config
@@ -47,12 +47,14 @@ def test_reward_config_checks_before_any_work():
         return str(error.value)
 
     assert "stage=rm trains on preference pairs" in problems("data=sample")
-    assert "use launch=ddp" in problems("method=qlora", "launch=fsdp", "launch.num_processes=2")
     assert "training.beta" in problems("+training.beta=0.1")  # DPO's, not RewardConfig's
     config = load_config(
         composed("stage=rm", "data=reward_sample", "+training.center_rewards_coefficient=0.01")
     )
     assert config.stage.name == "rm"
+    # QLoRA's sharded loading of a reward model (its new head on every rank): accepted
+    sharded = ("method=qlora", "launch=zero3", "launch.num_processes=2")
+    assert load_config(composed("stage=rm", "data=reward_sample", *sharded)).method.load_in_4bit
 
 
 def held_out_pairs(tokenizer, run_dir) -> list[dict]:
@@ -135,19 +137,41 @@ def test_a_reward_model_learns_the_sample_and_loads_in_plain_transformers(reward
 
 
 @pytest.mark.slow
-def test_a_qlora_reward_model_trains_its_head_and_adapter_in_fp32(tmp_path):
+def test_a_qlora_reward_model_trains_its_head_and_adapter_in_fp32_alike_on_every_launch(tmp_path):
+    """QLoRA: the head and the adapter train and are saved in fp32. Under FSDP and ZeRO-3 no rank quantizes
+    the whole model (the sharded loader of train/model/quantized_loading.py reads the base at step 0) and
+    the new head, which the base checkpoint lacks, is written on every rank before peft copies it: 2
+    processes at batch 1 give one process's losses and accuracies at batch 2, step for step."""
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "qlora"
     result = run_train(
-        f"hydra.run.dir={run_dir}", *LEARN, "method=qlora", "training.max_steps=3", cwd=tmp_path
-    )
+        f"hydra.run.dir={run_dir}", "stage=rm", "data=reward_sample", "method=qlora", *SHORT,
+        "training.max_steps=3", "training.per_device_train_batch_size=2", cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     heads = [name for name in saved if "score" in name]
     assert heads and all(t.dtype == torch.float32 for t in saved.values()), (heads, saved.keys())
-    losses = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
-    assert len(losses) == 3 and losses[0] == pytest.approx(0.6931, abs=0.2)
+    rows = [row for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    single = [(row["loss"], row["accuracy"]) for row in rows]
+    assert len(single) == 3 and single[0][0] == pytest.approx(0.6931, abs=0.2)
+    for launch in ("fsdp", "zero3"):
+        (tmp_path / launch).mkdir()
+        sharded_dir, log = launched(
+            tmp_path / launch, launch, "stage=rm", "data=reward_sample", "method=qlora",
+            "training.max_steps=3",
+        )  # fmt: skip
+        assert "read and quantized by rank 0, one tensor at a time" in log, launch
+        rows = [row for row in read_metrics(sharded_dir / "metrics.jsonl") if "loss" in row]
+        for (loss, accuracy), (expected_loss, expected_accuracy) in zip(
+            [(row["loss"], row["accuracy"]) for row in rows], single, strict=True
+        ):
+            assert loss == pytest.approx(expected_loss, abs=1e-4) and accuracy == expected_accuracy, launch
+        adapter = load_file(sharded_dir / "adapter" / "adapter_model.safetensors")
+        assert adapter.keys() == saved.keys(), launch
+        for name, tensor in adapter.items():
+            torch.testing.assert_close(tensor, saved[name], atol=1e-4, rtol=1e-3, msg=f"{launch}: {name}")
 
 
 @pytest.fixture(scope="module")

@@ -542,13 +542,6 @@ def _stage_problems(config: Config) -> list[str]:
         )
     if stage.name == "grpo":
         problems += _grpo_problems(config)
-    if stage.name == "rm" and sharded_4bit:
-        problems.append(
-            f"method=qlora with stage=rm under {config.launch.strategy}: QLoRA's weights are read into "
-            "each rank's shard at step 0 from the base checkpoint (train/model/quantized_loading.py), which "
-            "has no reward head; use launch=ddp (each rank quantizes the model), or method=lora under "
-            f"{config.launch.strategy}"
-        )
     if stage.init_from is not None:
         problems += _init_problems(config)
     return problems

@@ -7,6 +7,7 @@ where a bf16 matmul is ~200× slower (no native bf16 on AVX2).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     LlamaConfig,
@@ -32,7 +35,13 @@ from data.tokenizer import stop_token_ids
 from train.config import MethodConfig, ModelConfig, lora_settings
 from train.model.fast_path import attention
 from train.model.placement import Placement, release_freed_host_memory
-from train.model.quantized_loading import QUANTIZED_LOAD, partition_for_zero3, quantized_skeleton
+from train.model.quantized_loading import (
+    QUANTIZED_LOAD,
+    REWARD_HEAD,
+    checkpoint_files,
+    partition_for_zero3,
+    quantized_skeleton,
+)
 
 log = logging.getLogger("train")
 
@@ -270,7 +279,8 @@ def load_4bit(
     attn_implementation = attention_implementation(model.attn_implementation)
     if placement is not None and placement.shards_4bit:
         path, remove = write_random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement)
-        skeleton = quantized_skeleton(path, quantization, dtype, attn_implementation)
+        head = functools.partial(write_reward_head, checkpoint=path, seed=seed) if reward else None
+        skeleton = quantized_skeleton(path, quantization, dtype, attn_implementation, reward_head=head)
         getattr(skeleton, QUANTIZED_LOAD).remove_after = remove  # once rank 0 has read it, at step 0
         engine = placement.engine
         if placement.zero3_init:
@@ -280,7 +290,7 @@ def load_4bit(
                 "QLoRA under %s: the quantized model's skeleton now; its weights at step 0, read and "
                 "quantized by rank 0 one tensor at a time, each rank keeping its shard", engine,
             )  # fmt: skip
-        return stop_at_end_of_turn(skeleton, tokenizer)
+        return finished(skeleton, tokenizer)
     device_map = {"": torch.device("cpu")} if placement is None else placement.device_map
     with (
         random_checkpoint(model, tokenizer, dtype=dtype, seed=seed, placement=placement) as path,
@@ -290,7 +300,24 @@ def load_4bit(
             path, dtype=dtype, quantization_config=quantization, device_map=device_map, **load_safely(),
             attn_implementation=attn_implementation, **reward_head(reward),
         )  # fmt: skip
+        if reward:  # the head the sharded skeleton writes too, so that every launch starts alike
+            with torch.no_grad():
+                write_reward_head(quantized.score.weight, checkpoint=path, seed=seed)
     return finished(quantized, tokenizer)
+
+
+def write_reward_head(weight: torch.Tensor, *, checkpoint: str, seed: int) -> None:
+    """A 4-bit reward model's ``score`` head into ``weight``: the checkpoint's, where it has one (a reward
+    model's), or a new one drawn from ``seed`` as transformers initializes a linear (normal, std
+    ``initializer_range``), the same on every rank and launch."""
+    files = checkpoint_files(Path(checkpoint))
+    if REWARD_HEAD in files:
+        with safe_open(str(files[REWARD_HEAD]), framework="pt") as reader:
+            value = reader.get_tensor(REWARD_HEAD)
+    else:
+        std = AutoConfig.from_pretrained(checkpoint, local_files_only=True).initializer_range
+        value = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * std
+    weight.copy_(value.to(weight.dtype))
 
 
 @contextlib.contextmanager

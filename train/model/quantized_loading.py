@@ -43,7 +43,11 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoConfig, BitsAndBytesConfig, GenerationConfig, PreTrainedModel, TrainerCallback
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.modeling_utils import set_zero3_state
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+)
 
 from train.model.placement import trim_heap
 
@@ -80,24 +84,39 @@ def checkpoint_files(checkpoint: Path) -> dict[str, Path]:
 
 
 QUANTIZED_LOAD = "sharded_quantized_load"  # the model's attribute that carries its ShardedQuantizedLoad
+REWARD_HEAD = "score.weight"  # a reward model's one-output head (transformers' sequence classifier)
 
 
 def quantized_skeleton(
-    path: str, quantization: BitsAndBytesConfig, dtype: torch.dtype, attn_implementation: str
+    path: str,
+    quantization: BitsAndBytesConfig,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    reward_head: Callable[[torch.Tensor], None] | None = None,
 ) -> PreTrainedModel:
     """The model ``from_pretrained(path, quantization_config=quantization)`` returns, but holding no weight
     yet: every parameter an unwritten host tensor of its final shape and dtype (4-bit ones packed as
     bitsandbytes packs them). Its ``ShardedQuantizedLoad`` is the model's ``QUANTIZED_LOAD`` attribute.
-    Raises CheckpointKeyError, before anything is read, when the checkpoint lacks a weight."""
+    Raises CheckpointKeyError, before anything is read, when the checkpoint lacks a weight.
+
+    ``reward_head``: a reward model (a sequence classifier of one output) whose ``score`` head, one row of
+    ``hidden_size`` floats, is written now on every rank by ``reward_head`` (a head the checkpoint has, or a
+    new one drawn from the seed): peft's SEQ_CLS adapter copies it into its trainable ``modules_to_save`` when
+    the trainer wraps the model, before step 0, so it cannot wait for step 0 as the frozen weights do."""
     from bitsandbytes.nn import Params4bit
     from transformers.quantizers import AutoHfQuantizer
 
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     config._attn_implementation = attn_implementation
     config.name_or_path = path
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING
+    if reward_head is not None:
+        config.num_labels, mapping = 1, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
     quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
-    with init_empty_weights(include_buffers=False):  # as from_pretrained builds it: weights on meta
-        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+    # as from_pretrained builds it: weights on meta; zero.Init kept out (a sequence classifier builds its
+    # decoder through AutoModel.from_config, which would partition it under ZeRO-3): partition_for_zero3
+    with init_empty_weights(include_buffers=False), set_zero3_state():
+        model = mapping[type(config)](config)
         quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None)
     plan = ShardedQuantizedLoad(checkpoint=Path(path), dtype=dtype, files=checkpoint_files(Path(path)))
     storage = quantization.bnb_4bit_quant_storage
@@ -115,6 +134,11 @@ def quantized_skeleton(
             # saved under whichever of its names the checkpoint kept: save_pretrained keeps the embedding's,
             # safetensors' save_model may keep the LM head's
             key = next((k for k in names[id(meta)] if k in plan.files), names[id(meta)][0])
+            if reward_head is not None and key == REWARD_HEAD:  # kept whole by every rank, written now
+                head = torch.nn.Parameter(torch.empty(meta.shape, dtype=dtype), requires_grad=False)
+                reward_head(head.data)
+                setattr(module, name, head)
+                continue
             if isinstance(meta, Params4bit):
                 # bitsandbytes repacks a weight for its AVX512-BF16 CPU kernel at the first eval forward and
                 # marks the shared quant_state so (nn/modules.py:613-620); the engine's next gather brings
