@@ -231,6 +231,28 @@ def test_a_two_node_grpo_job_generates_on_both_nodes_and_trains(slurm, tmp_path)
     assert len(completions) == 2 * 4  # each step's whole group, gathered from both nodes
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_two_node_qlora_reward_model_job_loads_sharded_and_trains(slurm, tmp_path):  # noqa: F811
+    """stage=rm with QLoRA under FSDP as a 2-node job: each node writes its random base once, rank 0 reads
+    and quantizes it for both nodes at step 0, the new score head is on both, and the job ends with the
+    SEQ_CLS adapter (the head beside the LoRA weights) and TRL's accuracy and margin for every step."""
+    _, env = slurm
+    run_dir = tmp_path / "rm"
+    job = submit(
+        run_dir, env, "stage=rm", "data=reward_sample", "method=qlora", "launch.strategy=fsdp",
+        "training.max_steps=2", "training.per_device_train_batch_size=1",
+    )  # fmt: skip
+    log = finished(run_dir, job, wait_for_end(job, env))
+    assert "launch=slurm: 2 process(es), engine FSDP" in log
+    assert "read and quantized by rank 0, one tensor at a time" in log
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [(row["step"], row["accuracy"], row["margin"]) for row in rows if "loss" in row]
+    assert [step for step, _, _ in logged] == [1, 2] and all(a in (0.0, 0.5, 1.0) for _, a, _ in logged)
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+
+
 def expect_resumed_run(run_dir: Path, uninterrupted_dir: Path, state: dict, restarts: int = 1) -> None:
     """One continuous log, each step once, with the losses of the run that was never interrupted:
     the resumed run restored the weights, the optimizer and the data order."""

@@ -338,7 +338,7 @@ def write_random_checkpoint(
     model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, placement: Placement | None
 ) -> tuple[str, Callable[[], None] | None]:
     """``model.path`` and None, or for random weights a checkpoint of them, written once per node by its main
-    process into the node's temporary directory, and the function that removes it once every rank has read
+    process into a directory of its own under the temporary directory, and the function that removes it once every rank has read
     it (a barrier first, then each node's main process deletes its copy).
 
     Not ``save_pretrained``: once a process group exists it writes on global rank 0 only
@@ -350,7 +350,11 @@ def write_random_checkpoint(
     name = [f"random-weights-{uuid.uuid4().hex}"]
     if distributed:
         torch.distributed.broadcast_object_list(name, src=0)  # one name for every node
-    path = Path(tempfile.gettempdir()) / name[0]
+    # one directory per node, named by the node's first global rank: where nodes share a temporary
+    # directory (TMPDIR on a shared filesystem, or the local test cluster's nodes on one machine) each still
+    # writes and removes its own
+    node = 0 if placement is None else placement.rank - placement.local_rank
+    path = Path(tempfile.gettempdir()) / f"{name[0]}-node{node}"
     local_main = placement is None or placement.is_local_main
     if local_main:
         path.mkdir()
