@@ -338,8 +338,8 @@ def write_random_checkpoint(
     model: ModelConfig, tokenizer, *, dtype: torch.dtype, seed: int, placement: Placement | None
 ) -> tuple[str, Callable[[], None] | None]:
     """``model.path`` and None, or for random weights a checkpoint of them, written once per node by its main
-    process into a directory of its own under the temporary directory, and the function that removes it once every rank has read
-    it (a barrier first, then each node's main process deletes its copy).
+    process into a directory of its own under the temporary directory, and the function that removes it
+    once every rank has read it (a barrier first, then each node's main process deletes its copy).
 
     Not ``save_pretrained``: once a process group exists it writes on global rank 0 only
     (transformers' ``should_save_on_this_rank``), and every node needs the files.
