@@ -154,27 +154,46 @@ def test_grpo_learns_a_verifiable_reward_from_a_random_start(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "lora from an sft adapter"])
 def test_the_kl_reference_follows_the_method(tmp_path, tokenizer, method):
     """Full fine-tuning scores the KL against a frozen copy of its starting weights (made from the policy:
     TRL would reload a path the random model does not have); LoRA/QLoRA against the adapter disabled, no
-    copy. Two steps: the KL is 0 at step 1 (policy == reference) and positive after the first update."""
+    copy. Two steps: the KL is 0 at step 1 (policy == reference) and positive after the first update.
+    ``stage.init_from`` a LoRA SFT run: the policy starts from that adapter merged into its base (so does
+    the reference, the new adapter disabled)."""
+    from train.export import merged_model
     from train.model.build import build_model, compute_dtype
     from train.run.grpo import build_grpo_trainer
     from train.run.outputs import save_resolved_config
+    from train.run.preference import fresh_start
     from train.run.trainer import training_args
 
     varied = "stage.rewards=[{_target_: train.run.rewards.latin_share}]"  # differs between completions
+    start_from = []
+    if method == "lora from an sft adapter":
+        method, sft = "lora", tmp_path / "sft"
+        result = run_train(
+            f"hydra.run.dir={sft}", "method=lora", "training.max_steps=2", "training.report_to=[]",
+            "training.learning_rate=1e-2", cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        start_from = [f"stage.init_from={sft}"]
     cfg = composed(
-        *LEARN, f"method={method}", "training.max_steps=2", "stage.max_completion_length=4", varied
-    )
+        *LEARN, f"method={method}", "training.max_steps=2", "stage.max_completion_length=4", varied,
+        *start_from,
+    )  # fmt: skip
     cfg.output_dir = str(tmp_path)
     config = load_config(cfg)
     save_resolved_config(cfg, tmp_path)
     dataset, _, _ = prepare_from_config(config.data, tokenizer, max_length=512, objective="grpo")
     dtype = compute_dtype(config.model.dtype)
-    model = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed, method=config.method)
+    model = fresh_start(config, tokenizer, dtype)  # the base (model.*), or the run stage.init_from names
     start = {name: t.detach().clone() for name, t in model.named_parameters() if "layers.0." in name}
+    if start_from:  # the SFT adapter merged: its trained q_proj, not the base's
+        merged = merged_model(sft)[0].model.layers[0].self_attn.q_proj.weight
+        torch.testing.assert_close(start["model.layers.0.self_attn.q_proj.weight"], merged)
+        base = build_model(config.model, tokenizer, dtype=dtype, seed=config.training.seed)
+        assert not torch.allclose(base.model.layers[0].self_attn.q_proj.weight, merged)  # the SFT moved it
     trainer = build_grpo_trainer(
         config, model, tokenizer, dataset, tmp_path, training_args(config, tmp_path, dtype)
     )
