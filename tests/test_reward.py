@@ -250,7 +250,7 @@ def test_a_reward_model_starts_from_an_sft_run_on_every_kind_of_run(sft_runs, to
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_the_planner_counts_a_reward_model_without_a_reference_and_both_sequences_of_a_pair():
+def test_the_planner_counts_a_reward_model_without_reference_or_lm_head_and_both_sequences_of_a_pair():
     from train.plan import format_plan, plan_memory, reference_model
     from train.plan.memory import step_tokens
 
@@ -265,6 +265,10 @@ def test_the_planner_counts_a_reward_model_without_a_reference_and_both_sequence
     assert (
         plan.activations_bytes["without_checkpointing"] == 2 * sft.activations_bytes["without_checkpointing"]
     )
+    # no LM head: 8B's 128,256 x 4,096 fewer weights (the one-row score head aside), and no logits
+    assert sft.params - plan.params == 128_256 * 4_096 and plan.params == 7_504_924_672
+    assert plan.logits_unfused_bytes == 0 and plan.per_gpu_bytes["lm_head_loss"] == 2 * 1024 * 4_096 * 4
+    assert plan.per_gpu_bytes["weights"] == sft.per_gpu_bytes["weights"] - 128_256 * 4_096 * 2  # bf16 head
 
 
 @pytest.mark.slow

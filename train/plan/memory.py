@@ -9,6 +9,7 @@ resolved for the device first (``Device.resolve``): ``auto`` is bf16 on a GPU, f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,6 +313,13 @@ def attention_mask_bytes(seq_len: int, rows: int, compute: int, kernels: Kernels
     return rows * seq_len * seq_len * (1 + compute) if kernels.packed_mask else 0
 
 
+def reward_model(model: ModelConfig) -> ModelConfig:
+    """stage=rm's model as the planner counts it: the decoder under a one-output ``score`` head instead of
+    the LM head (transformers' ``LlamaForSequenceClassification``), so its weights are a tied model's, the
+    head's ``hidden_size`` parameters aside (vocab x hidden fewer: 525M for 8B, 1.05B for 70B)."""
+    return dataclasses.replace(model, tie_word_embeddings=True)
+
+
 def lm_head_bytes(
     model: ModelConfig, method: MethodConfig, tokens: int, strategy: str = "single", *, fused: bool = True
 ) -> int:
@@ -452,6 +460,7 @@ def per_gpu_bytes(
     seq_len: int | None = None,
     context_parallel: int = 1,
     generation: Generation | None = None,
+    reward: bool = False,
 ) -> dict[str, int]:
     """Each part of one GPU's memory (one process's, ``on_gpu=False``), and the ``peak``: the resident
     states plus the larger of the backward's working set (autocast copies, activations, a packed batch's
@@ -463,7 +472,9 @@ def per_gpu_bytes(
     engine; ZeRO-3 offload keeps it in CPU memory). ``cpu_total``: what ZeRO-3 offload keeps in host
     RAM, all GPUs; ``offloaded_activations``: what activation offloading keeps in host RAM, this process.
     ``generation`` (GRPO): the generation phase (``generation_bytes``) comes before the step's forward and
-    backward, so the peak is the larger of the two phases on top of what stays resident.
+    backward, so the peak is the larger of the two phases on top of what stays resident. ``reward``
+    (stage=rm, ``model`` as ``reward_model`` gives it): a one-output head in place of the LM head, so the
+    loss holds no logits, only the hidden states' fp32 gradient.
 
     The trainer frees torch's gradients after each step (``zero_grad(set_to_none=True)``), and they grow
     as the backward frees activations, so the two phases do not add up; with ``accumulation`` > 1 the
@@ -507,7 +518,8 @@ def per_gpu_bytes(
     parts["activations"] = activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
     parts["dora_norm"] = dora_norm_bytes(model, method)
     parts["attention_mask"] = attention_mask_bytes(seq_len, rows, compute_bytes(model), kernels)
-    parts["lm_head_loss"] = lm_head_bytes(model, method, tokens, strategy, fused=on_gpu)
+    head = tokens * model.hidden_size * 4  # a reward model's: the hidden states' gradient, no logits
+    parts["lm_head_loss"] = head if reward else lm_head_bytes(model, method, tokens, strategy, fused=on_gpu)
     offloaded = offloaded_activation_bytes(model, method, tokens, checkpointing, strategy, kernels)
     working = [k for k in _WORKING if not (k == "gradients" and strategy in DEEPSPEED)]
     resident = sum(v for k, v in parts.items() if k not in working)

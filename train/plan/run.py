@@ -25,6 +25,7 @@ from train.plan.memory import (
     compute_bytes,
     host_bytes_per_node,
     per_gpu_bytes,
+    reward_model,
     step_tokens,
     trainable_bytes,
     trained_parameters,
@@ -64,6 +65,7 @@ def recommend(
     kernels: Kernels = PLAIN,
     seq_len: int | None = None,
     generation: Generation | None = None,
+    reward: bool = False,
 ) -> Recommendation | None:
     """The fewest GPUs of this size that fit the run, and the first strategy (in ``STRATEGIES`` order:
     single, ddp, zero2, fsdp, zero3) that fits there; ZeRO-3 offload only when none fits at any count.
@@ -79,7 +81,7 @@ def recommend(
     def peak(strategy: str, gpus: int) -> int:
         parts = per_gpu_bytes(
             model, method, strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
-            reference=reference, kernels=kernels, seq_len=seq_len, generation=generation,
+            reference=reference, kernels=kernels, seq_len=seq_len, generation=generation, reward=reward,
         )  # fmt: skip
         return max(parts["peak"], parts["load"])  # training, or loading before it
 
@@ -179,6 +181,9 @@ def plan_memory(
     ``usable_fraction``: see ``recommend``; ``stage``: ``step_tokens``; ``reference``, ``kernels``,
     ``generation`` (GRPO): ``per_gpu_bytes``.
     """
+    reward = stage == "rm"
+    if reward:  # no LM head
+        model = reward_model(model)
     device = device or Device.configured(launch)
     resolved = device.resolve(model)
     on_gpu = device.kind == "cuda"
@@ -188,7 +193,7 @@ def plan_memory(
     parts = per_gpu_bytes(
         resolved, method, launch.strategy, gpus, tokens=tokens, optim=optim, accumulation=accumulation,
         reference=reference, on_gpu=on_gpu, kernels=kernels, seq_len=seq_len, context_parallel=launch.cp_size,
-        generation=generation,
+        generation=generation, reward=reward,
     )  # fmt: skip
     load = parts["load"]
     gpu = device if on_gpu else Device.configured(launch)
@@ -208,7 +213,7 @@ def plan_memory(
         trainable_params=trained_parameters(model, method), weights_bytes=weight_bytes(model),
         kv_cache_bytes_per_token=kv, kv_cache_bytes={t: t * kv for t in KV_TABLE_TOKENS},
         activations_bytes=checkpointing, kernels=dataclasses.asdict(kernels),
-        logits_unfused_bytes=tokens * model.vocab_size * 4,
+        logits_unfused_bytes=0 if reward else tokens * model.vocab_size * 4,
         per_gpu_bytes={k: v for k, v in parts.items() if k not in _NOT_PER_GPU},
         peak_bytes_per_gpu=parts["peak"], load_bytes_per_gpu=load,
         cpu_bytes_per_node=-(-parts["cpu_total"] // launch.num_machines),
@@ -219,7 +224,7 @@ def plan_memory(
         recommended=recommend(gpu.resolve(model), method, tokens=tokens, optim=optim,
                               gpu_memory_bytes=gpu.memory_bytes, accumulation=accumulation,
                               usable_fraction=usable_fraction, reference=reference, kernels=kernels,
-                              seq_len=seq_len, generation=generation),
+                              seq_len=seq_len, generation=generation, reward=reward),
         recommended_on=gpu.name,
         assumptions=_assumptions(model, resolved, method, launch.strategy, optim, usable_fraction, device),
     )  # fmt: skip
