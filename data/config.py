@@ -170,6 +170,16 @@ def sample_path(name: str) -> str:
     return str(SAMPLES_DIR / name)
 
 
+def data_max_length(config) -> int:
+    """The most tokens a prepared row may take, for a composed config (train's typed one or the raw one):
+    training.max_length, or for GRPO a prompt's share of it (training.max_length less
+    stage.max_completion_length: longer prompts are left out and counted, so that prompt and completion
+    fit the length the run is planned for)."""
+    if config.stage.name == "grpo":
+        return config.training.max_length - config.stage.max_completion_length
+    return config.training.max_length
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """``conf/`` composed with ``overrides`` as ``python -m train`` composes it, with ``data`` typed by
     ``DataConfig`` and the other groups as their files write them.

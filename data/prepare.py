@@ -107,7 +107,7 @@ def _prepared(data, tokenizer, max_length: int, objective: str, with_groups: boo
         return load_prompts(
             data.path, data.format, lang=data.lang, threads=data.threads, strict=data.strict,
             messages_field=data.messages_field, chat_format=chat_format_of(tokenizer),
-            with_groups=with_groups,
+            with_groups=with_groups, tokenizer=tokenizer, max_tokens=max_length,
         )  # fmt: skip
     if objective == "sft":
         return prepare_dataset(
@@ -393,7 +393,7 @@ def main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
-    from data.config import compose_config
+    from data.config import compose_config, data_max_length
     from data.tokenizer import tokenizer_for
 
     cfg = compose_config(argv)
@@ -402,7 +402,7 @@ def main(argv: list[str]) -> int:
         data = OmegaConf.to_object(cfg.data)
         tokenizer = tokenizer_for(model)
         _, _, summary = prepare_from_config(
-            data, tokenizer, max_length=cfg.training.max_length, objective=cfg.stage.name,
+            data, tokenizer, max_length=data_max_length(cfg), objective=cfg.stage.name,
             seed=cfg.training.seed,
         )  # fmt: skip
     except (DataError, MissingMandatoryValue) as error:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from data.chat import validate_messages
+from data.chat import encode_chat, validate_messages
 from data.held_out import GROUP, group_of
 from data.readers import ReadResult, load_conversations, reporter
 from data.sources import DataError, read_records
@@ -50,6 +50,16 @@ class PromptSummary:
         return "\n".join(lines + ([f"  {self.held_out}"] if self.held_out else []))
 
 
+@dataclass
+class PromptRecords(ReadResult):
+    """What a ``prompts`` file held: its records, and those left out by reason."""
+
+    records: int = 0
+
+    def found(self) -> str:
+        return f"{self.records} records"
+
+
 def load_prompts(
     path,
     format: str,
@@ -60,17 +70,24 @@ def load_prompts(
     messages_field: str | None = None,
     chat_format: str = "llama3.1",
     with_groups: bool = False,
+    tokenizer=None,
+    max_tokens: int | None = None,
 ) -> tuple[Dataset, PromptSummary]:
     """The prompts of ``path`` as a dataset (``prompt`` and the other columns; ``group`` with
     ``with_groups``, for ``data.held_out``) and its summary. A record without a usable prompt is a bad record:
-    counted, or raised with ``strict``."""
+    counted, or raised with ``strict``. ``max_tokens`` (with ``tokenizer``): a prompt that takes more, in the
+    Llama 3.1 format up to the assistant header the completion follows, is left out and counted (cut, it
+    would lose its beginning or its question; the run's bound is training.max_length less
+    stage.max_completion_length, so that prompt and completion fit the length the run was planned for)."""
     if format == PROMPT_FORMAT:
-        read = ReadResult(source=str(path))
+        read = PromptRecords(source=str(path))
         report = reporter(read, strict)
-        rows = []
+        rows, places = [], []
         for where, record in read_records(path, report):
+            read.records += 1
             try:
                 rows.append(prompt_row(record))
+                places.append(where)
             except DataError as error:
                 report(where, error)
     else:
@@ -78,9 +95,15 @@ def load_prompts(
             path, format, lang=lang, threads=threads, strict=strict, messages_field=messages_field,
             chat_format=chat_format,
         )  # fmt: skip
-        rows = [row for row in map(_until_last_reply, read.conversations) if row is not None]
+        rows, places = [], []
+        for number, conversation in enumerate(read.conversations, 1):
+            if (row := _until_last_reply(conversation)) is not None:
+                rows.append(row)
+                places.append(f"{path}: conversation {number}")
         if len(rows) < len(read.conversations):
             read.dropped["no turn before the last assistant reply"] += len(read.conversations) - len(rows)
+    if max_tokens is not None:
+        rows = _within(rows, places, read, tokenizer, max_tokens)
     if not rows:
         raise DataError("no prompts", f"{path}: no usable prompt (format {format!r})\n{read.summary()}")
     columns = sorted({key for row in rows for key in row} - {"prompt"})
@@ -121,6 +144,28 @@ def prompt_row(record) -> dict:
         )
     others = {key: value for key, value in record.items() if key != "prompt"}
     return {"prompt": [dict(message) for message in prompt], **others}
+
+
+def _within(rows: list[dict], places: list[str], read: ReadResult, tokenizer, max_tokens: int) -> list[dict]:
+    """The rows whose prompt takes at most ``max_tokens`` as the model reads it (``prompt_ids``); the
+    others counted on ``read`` with where they are."""
+    kept = []
+    for row, where in zip(rows, places, strict=True):
+        length = len(prompt_ids(row["prompt"], tokenizer))
+        if length <= max_tokens:
+            kept.append(row)
+        else:
+            read.drop(where, f"prompt over {max_tokens} tokens", f"a prompt of {length} tokens")
+    return kept
+
+
+def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """The dialog in the Llama 3.1 format, ending in the assistant header the reply follows: the official
+    template's ``add_generation_prompt=True``, token for token (what TRL renders for GRPO, and what
+    ``train.chat`` sends). Built with ``encode_chat`` (an empty assistant turn, less its closing
+    ``<|eot_id|>``), so typed text stays text: a user cannot end a turn by typing ``<|eot_id|>``, as the
+    template would let them."""
+    return encode_chat([*messages, {"role": "assistant", "content": ""}], tokenizer)["input_ids"][:-1]
 
 
 def _until_last_reply(messages: list[dict]) -> dict | None:

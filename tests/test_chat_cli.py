@@ -19,6 +19,7 @@ import torch
 from conftest import REPO
 from test_config import composed
 
+from data.prompts import prompt_ids
 from data.tokenizer import stop_token_ids
 from train.chat import (
     USER_PROMPT,
@@ -27,7 +28,6 @@ from train.chat import (
     generate_reply,
     load_chat_model,
     main,
-    prompt_ids,
 )
 from train.config import ConfigError, load_config
 from train.run.outputs import save_resolved_config

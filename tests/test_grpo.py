@@ -13,7 +13,7 @@ from test_config import composed
 from test_launch import launched
 
 from data import DataError, prepare_from_config
-from data.prompts import load_prompts
+from data.prompts import load_prompts, prompt_ids  # our encoder, up to the assistant header
 from train.config import ConfigError, load_config
 from train.run import rewards
 from train.run.outputs import read_metrics
@@ -56,7 +56,6 @@ def test_prompts_come_from_a_prompt_file_with_their_columns_or_from_any_chat_sou
         {"role": "user", "content": "What is 97 - 53? Answer with the number only."}
     ]
     assert dataset[0]["answer"] == "44" and "columns for the rewards: answer" in str(summary)
-    from train.chat import prompt_ids  # our encoder, up to the assistant header the reply follows
 
     for prompt in dataset["prompt"]:  # as TRL renders each (apply_chat_template, generation prompt)
         rendered = tokenizer.apply_chat_template(
@@ -85,6 +84,46 @@ def test_prompts_come_from_a_prompt_file_with_their_columns_or_from_any_chat_sou
     assert f"{bad}:3: the prompt ends on a assistant turn" in str(summary)
     with pytest.raises(DataError, match=rf"{bad}:2: a record needs a 'prompt'.*data.strict"):
         load_prompts(bad, "prompts", strict=True)
+    none = tmp_path / "none.jsonl"
+    none.write_text(json.dumps({"question": "no prompt"}) + "\n")
+    with pytest.raises(DataError, match=rf"{none}: no usable prompt .*\n.*1 records, 1 dropped"):
+        load_prompts(none, "prompts")
+
+
+def test_prompts_longer_than_their_share_of_max_length_are_left_out_and_counted(tmp_path, tokenizer):
+    """A prompt and its completion share training.max_length (what the planner counts), so a prompt over
+    training.max_length - stage.max_completion_length tokens, as TRL renders it, is left out, counted with
+    where it is; a bound that leaves no prompt is refused before any work."""
+    from data.config import data_max_length
+
+    source = tmp_path / "prompts.jsonl"
+    short, long = "What is 2 + 2?", " ".join(["word"] * 300)
+    source.write_text("\n".join(json.dumps({"prompt": text, "answer": "4"}) for text in (short, long, short)))
+    config = load_config(composed(
+        "stage=grpo", f"data.path={source}", "data.format=prompts", "data.eval_split=0",
+        "training.max_length=256", "stage.max_completion_length=64",
+    ))  # fmt: skip
+    assert data_max_length(config) == 192
+    kept, _, summary = prepare_from_config(config.data, tokenizer, max_length=192, objective="grpo")
+    assert kept["prompt"] == [[{"role": "user", "content": short}]] * 2
+    length = len(prompt_ids([{"role": "user", "content": long}], tokenizer))
+    assert length > 192 and f"{source}:2: a prompt of {length} tokens" in str(summary)
+    assert "dropped 1 × prompt over 192 tokens" in str(summary) or "1 × prompt over 192 tokens" in str(
+        summary
+    )
+    # the same bound holds at length + 0 and drops at length - 1
+    assert len(load_prompts(source, "prompts", tokenizer=tokenizer, max_tokens=length)[0]) == 3
+    assert len(load_prompts(source, "prompts", tokenizer=tokenizer, max_tokens=length - 1)[0]) == 2
+    chats, summary = load_prompts(
+        SAMPLES / "sharegpt_sample.jsonl", "sharegpt", tokenizer=tokenizer, max_tokens=60
+    )  # its prompts take 42 to 165 tokens; 4 take more than 60
+    assert len(chats) == 8 and all(len(prompt_ids(prompt, tokenizer)) <= 60 for prompt in chats["prompt"])
+    assert f"{SAMPLES / 'sharegpt_sample.jsonl'}: conversation " in str(summary)
+    with pytest.raises(
+        ConfigError, match="stage.max_completion_length=256: a prompt and its completion share"
+    ):
+        load_config(composed("stage=grpo", "data=arithmetic_sample", "training.max_length=256",
+                             "stage.max_completion_length=256"))  # fmt: skip
     config = load_config(composed("stage=grpo", "data=arithmetic_sample", "data.eval_split=20"))
     trained, evaluated, summary = prepare_from_config(
         config.data, tokenizer, max_length=512, objective="grpo"

@@ -85,6 +85,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
     from data import DataError, prepare_from_config, tokenizer_for
+    from data.config import data_max_length
     from train.model.build import build_model, compute_dtype
     from train.model.placement import place_processes
     from train.run.checkpoints import CheckpointSpaceError
@@ -127,7 +128,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with placement.main_process_first():
             dataset, eval_dataset, summary = prepare_from_config(
-                config.data, tokenizer, max_length=config.training.max_length, objective=stage,
+                config.data, tokenizer, max_length=data_max_length(config), objective=stage,
                 seed=config.training.seed,
             )  # fmt: skip
     except DataError as error:  # a missing file or field, a bad record with data.strict: no traceback

@@ -128,22 +128,13 @@ def load_chat_model(run_dir: Path, weights: Path):
 
 
 # ── one reply ───────────────────────────────────────────────────────────────────────────────
-def prompt_ids(messages: list[dict], tokenizer) -> list[int]:
-    """The dialog in the Llama 3.1 format, ending in the assistant header the reply follows: the official
-    template's ``add_generation_prompt=True``, token for token. Built with ``data.encode_chat`` (an empty
-    assistant turn, less its closing ``<|eot_id|>``), so typed text stays text: a user cannot end a turn by
-    typing ``<|eot_id|>``, as the template would let them."""
-    from data import encode_chat
-
-    return encode_chat([*messages, {"role": "assistant", "content": ""}], tokenizer)["input_ids"][:-1]
-
-
 def generate_reply(model, tokenizer, messages: list[dict], sampling: Sampling, streamer=None) -> str:
     """The assistant's reply to ``messages``: generated until ``<|eot_id|>``, ``<|eom_id|>`` or
     ``<|end_of_text|>`` (passed here too, for runs saved before their generation config said so) or
     ``max_new_tokens``; the text without the stop token."""
     import torch
 
+    from data.prompts import prompt_ids
     from data.tokenizer import stop_token_ids
 
     ids = prompt_ids(messages, tokenizer)

@@ -580,6 +580,12 @@ def _grpo_problems(config: Config) -> list[str]:
             f"stage.num_generations={stage.num_generations}: GRPO compares completions of the same prompt; "
             "give it at least 2 (4 to 16 is usual)"
         )
+    if (stage.max_completion_length or 0) >= config.training.max_length:
+        problems.append(
+            f"stage.max_completion_length={stage.max_completion_length}: a prompt and its completion share "
+            f"training.max_length={config.training.max_length}, which leaves no token for the prompt; raise "
+            "training.max_length or lower stage.max_completion_length"
+        )
     if stage.use_vllm:
         import importlib.util
 
