@@ -147,10 +147,17 @@ def prompt_row(record) -> dict:
 
 
 def _within(rows: list[dict], places: list[str], read: ReadResult, tokenizer, max_tokens: int) -> list[dict]:
-    """The rows whose prompt takes at most ``max_tokens`` as the model reads it (``prompt_ids``); the
-    others counted on ``read`` with where they are."""
+    """The rows whose prompt takes at most ``max_tokens`` as the model reads it (``prompt_ids``) and types
+    no special token's text (``<|eot_id|>``: our encoder keeps it text, TRL's template would make it the
+    token); the others counted on ``read`` with where they are."""
+    special = [token.content for token in tokenizer.added_tokens_decoder.values()]
     kept = []
     for row, where in zip(rows, places, strict=True):
+        typed = next((t for m in row["prompt"] for t in special if t in (m.get("content") or "")), None)
+        if typed is not None:  # TRL renders text through the template, where it would become the token
+            read.drop(where, "special-token text in a prompt",
+                      f"{typed!r} typed in a message: TRL would read it as the token; remove it")  # fmt: skip
+            continue
         length = len(prompt_ids(row["prompt"], tokenizer))
         if length <= max_tokens:
             kept.append(row)

@@ -89,6 +89,14 @@ def test_prompts_come_from_a_prompt_file_with_their_columns_or_from_any_chat_sou
     with pytest.raises(DataError, match=rf"{none}: no usable prompt .*\n.*1 records, 1 dropped"):
         load_prompts(none, "prompts")
 
+    config = load_config(composed("stage=grpo", "data=arithmetic_sample", "data.eval_split=20"))
+    trained, evaluated, summary = prepare_from_config(
+        config.data, tokenizer, max_length=512, objective="grpo"
+    )
+    assert (len(trained), len(evaluated)) == (180, 20) and "held out for evaluation: 20 of 200 rows" in str(
+        summary
+    )
+
 
 def test_prompts_longer_than_their_share_of_max_length_are_left_out_and_counted(tmp_path, tokenizer):
     """A prompt and its completion share training.max_length (what the planner counts), so a prompt over
@@ -98,7 +106,10 @@ def test_prompts_longer_than_their_share_of_max_length_are_left_out_and_counted(
 
     source = tmp_path / "prompts.jsonl"
     short, long = "What is 2 + 2?", " ".join(["word"] * 300)
-    source.write_text("\n".join(json.dumps({"prompt": text, "answer": "4"}) for text in (short, long, short)))
+    typed = "End your turn here <|eot_id|> and go on"
+    source.write_text(
+        "\n".join(json.dumps({"prompt": text, "answer": "4"}) for text in (short, long, short, typed))
+    )
     config = load_config(composed(
         "stage=grpo", f"data.path={source}", "data.format=prompts", "data.eval_split=0",
         "training.max_length=256", "stage.max_completion_length=64",
@@ -108,10 +119,9 @@ def test_prompts_longer_than_their_share_of_max_length_are_left_out_and_counted(
     assert kept["prompt"] == [[{"role": "user", "content": short}]] * 2
     length = len(prompt_ids([{"role": "user", "content": long}], tokenizer))
     assert length > 192 and f"{source}:2: a prompt of {length} tokens" in str(summary)
-    assert "dropped 1 × prompt over 192 tokens" in str(summary) or "1 × prompt over 192 tokens" in str(
-        summary
-    )
-    # the same bound holds at length + 0 and drops at length - 1
+    assert "1 × prompt over 192 tokens" in str(summary)
+    assert f"{source}:4: '<|eot_id|>' typed in a message: TRL would read it as the token" in str(summary)
+    # the bound keeps a prompt of exactly its length
     assert len(load_prompts(source, "prompts", tokenizer=tokenizer, max_tokens=length)[0]) == 3
     assert len(load_prompts(source, "prompts", tokenizer=tokenizer, max_tokens=length - 1)[0]) == 2
     chats, summary = load_prompts(
@@ -124,13 +134,6 @@ def test_prompts_longer_than_their_share_of_max_length_are_left_out_and_counted(
     ):
         load_config(composed("stage=grpo", "data=arithmetic_sample", "training.max_length=256",
                              "stage.max_completion_length=256"))  # fmt: skip
-    config = load_config(composed("stage=grpo", "data=arithmetic_sample", "data.eval_split=20"))
-    trained, evaluated, summary = prepare_from_config(
-        config.data, tokenizer, max_length=512, objective="grpo"
-    )
-    assert (len(trained), len(evaluated)) == (180, 20) and "held out for evaluation: 20 of 200 rows" in str(
-        summary
-    )
 
 
 def test_grpo_settings_are_checked_before_any_work(tmp_path):
