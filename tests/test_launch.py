@@ -366,20 +366,6 @@ def test_qlora_under_fsdp_shards_its_4bit_weights_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_qlora_under_zero3_partitions_its_4bit_weights(tmp_path):
-    """bnb_4bit_quant_storage in the compute dtype (train/model/build.py) lets ZeRO-3 partition Params4bit
-    too."""
-    run_dir, log = launched(tmp_path, "zero3", "method=qlora", "training.max_steps=2")
-    assert (
-        "launch=zero3: 2 process(es), engine DEEPSPEED, backend gloo, model DeepSpeedEngine, ZeRO-3, offload "
-        "optimizer none, parameters none, 37/37 parameters partitioned (23 Parameter, 14 Params4bit), rank 0 "
-        "holds 50%" in log
-    )
-    assert list(losses(run_dir)) == [1, 2]
-    assert len(load_file(run_dir / "adapter" / "adapter_model.safetensors")) == 16
-
-
-@pytest.mark.slow
 def test_full_dpo_under_fsdp_scores_rank_0s_reference_on_every_rank(tmp_path):
     """Under FSDP's rank-0 loading rank 1 builds the reference as shapes only; it must still score with rank
     0's weights (train/run/preference.py reference_from_rank_zero): at step 1 policy == reference on every

@@ -163,6 +163,8 @@ def test_a_qlora_reward_model_trains_its_head_and_adapter_in_fp32_alike_on_every
             "training.max_steps=3",
         )  # fmt: skip
         assert "read and quantized by rank 0, one tensor at a time" in log, launch
+        if launch == "zero3":  # bnb_4bit_quant_storage in the compute dtype: ZeRO-3 partitions Params4bit too
+            assert "38/38 parameters partitioned (24 Parameter, 14 Params4bit), rank 0 holds 50%" in log
         rows = [row for row in read_metrics(sharded_dir / "metrics.jsonl") if "loss" in row]
         for (loss, accuracy), (expected_loss, expected_accuracy) in zip(
             [(row["loss"], row["accuracy"]) for row in rows], single, strict=True
