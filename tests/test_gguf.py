@@ -46,6 +46,28 @@ GGML_TYPE = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantization
 TOLERANCE = {"f16": 5e-3, "bf16": 4e-2, "q8_0": 0.15}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def each_file_parsed_once():
+    """transformers' GGUF loader parses a file twice (its config, then its tensors: ``load_gguf_checkpoint``
+    in modeling_gguf_pytorch_utils.py), and gguf's reader takes ~9 s here over this tokenizer's 128,256
+    tokens and 280,147 merges each time: the same reader (gguf's own, read-only) for a file of the same
+    path, size and modification time. Only the suite's time changes (test_gguf.py 182 s -> 123 s)."""
+    readers = {}
+    read = gguf.GGUFReader
+
+    def once(path, *args, **kwargs):
+        stat = os.stat(path)
+        key = (str(path), stat.st_size, stat.st_mtime_ns, args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = read(path, *args, **kwargs)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", once)
+        yield
+    readers.clear()
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tokenizer) -> Path:
     """A finished tiny LoRA run (3 steps), exported by the command line's ``main`` with ``format=gguf``
