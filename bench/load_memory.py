@@ -49,7 +49,6 @@ ARCHITECTURE = [
 ]
 RUN = [
     "data.eval_split=0",  # loading and the first steps are measured, not the held-out eval
-    "training.max_steps=2",
     "training.logging_steps=1",
     "method.lora_dropout=0.0",
     "training.max_length=64",
@@ -119,13 +118,13 @@ PLACED, STEP_ZERO = "[train][INFO] - data: ", " process(es), engine "
 KEYS = ("before", "load", "held", "peak", "anon_before", "anon_load", "anon_held", "checkpoint_pages")
 
 
-def measure(run: str, checkpoint: Path, work: Path, interval: float = 0.05) -> dict:
+def measure(run: str, checkpoint: Path, work: Path, interval: float = 0.05, steps: int = 2) -> dict:
     """``run`` is ``<launch>:<method>`` (``single:<method>``: one process with twice the batch). Per rank:
     ``before`` (RSS once the data is prepared, before any weight), ``load`` (peak until step 0: reading,
     quantizing, sharding, broadcasting, with transients such as one whole tensor being sent or gathered),
-    ``held`` (RSS at step 0: what the rank keeps) and ``peak`` (over the whole run, two steps included);
+    ``held`` (RSS at step 0: what the rank keeps) and ``peak`` (over the whole run, its steps included);
     the same for anonymous memory (``anon_*``); ``checkpoint_pages`` (the most of the checkpoint's pages it
-    had mapped while loading); the losses; and the run's log."""
+    had mapped while loading); the losses (of ``steps`` steps); and the run's log."""
     launch, method = run.split(":")
     run_dir = work / run.replace(":", "-")
     where = ["-m", "train"]
@@ -134,7 +133,7 @@ def measure(run: str, checkpoint: Path, work: Path, interval: float = 0.05) -> d
     batch = 2 if launch == "single" else 1  # the same global batch
     command = [
         sys.executable, *where, f"hydra.run.dir={run_dir}", f"model.path={checkpoint}", f"method={method}",
-        f"training.per_device_train_batch_size={batch}", *ARCHITECTURE, *RUN,
+        f"training.per_device_train_batch_size={batch}", *ARCHITECTURE, *RUN, f"training.max_steps={steps}",
     ]  # fmt: skip
     env = {**os.environ, "WANDB_SILENT": "true"}
     launcher = psutil.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
