@@ -134,6 +134,20 @@ def test_a_gpu_job_on_a_node_without_gpus_stops_with_our_message(tmp_path):
 # ── real jobs on the local cluster ──────────────────────────────────────────────
 
 
+@pytest.fixture(autouse=True)
+def no_job_left(request):
+    """After each test, no job of it left on the cluster, passed or failed: a failed job test used to leave
+    its job completing, and the next test, which asserts an empty queue, failed with it."""
+    yield
+    if "slurm" not in request.fixturenames:
+        return
+    _, env = request.getfixturevalue("slurm")
+    left = run(["squeue", "-h", "-o", "%i"], env).stdout.split()
+    if left:
+        run(["scancel", *left], env)
+        wait_for(lambda: not run(["squeue", "-h"], env).stdout.strip(), 120, "the queue to empty")
+
+
 def job_state(job: str, env) -> dict[str, str]:
     shown = run(["scontrol", "show", "job", "-o", job], env).stdout
     return dict(word.split("=", 1) for word in shown.split() if "=" in word)
@@ -320,9 +334,11 @@ def test_a_job_outlives_its_time_limit_and_a_lost_node(slurm, uninterrupted, tmp
     """One job, two things a cluster does to it, each ending in a requeue and a resume:
 
     1. a real time limit, --time=2 --signal=B:USR1@80: Slurm's timer looks every 30 s and signals up to
-       30 s early, so the batch shell gets USR1 10-40 s into the job: before or early in training, as a
-       25 s first-start setup line (a slow `module load`) delays it. The run checkpoints at its next step
-       and the script requeues it. The limit is raised meanwhile, so the rest fits in one start.
+       30 s early, so the batch shell gets USR1 10-40 s into the job: before training, as a 35 s
+       first-start setup line (a slow `module load`) delays it (with 25 s a signal right at 40 s came when
+       training had reached step 8, too late for a periodic checkpoint before the end). The run
+       checkpoints at its next step and the script requeues it. The limit is raised meanwhile, so the rest
+       fits in one start.
     2. no signal at all: after the resumed start's next periodic checkpoint the second node's processes
        are SIGKILLed; srun ends the first node's at once (--kill-on-bad-exit: gloo's or NCCL's timeout
        would be 30 minutes) and the script, seeing a failure after a checkpoint this start saved, requeues.
@@ -331,7 +347,7 @@ def test_a_job_outlives_its_time_limit_and_a_lost_node(slurm, uninterrupted, tmp
     run_dir = tmp_path / "time-limit"
     checkpoints = run_dir / "checkpoints"
     limit = ["launch.slurm.time=2", "launch.slurm.signal_seconds=80",
-             f"launch.slurm.setup=['test -d {checkpoints} || sleep 25']"]  # fmt: skip
+             f"launch.slurm.setup=['test -d {checkpoints} || sleep 35']"]  # fmt: skip
     job = submit(run_dir, env, *limit)
     assert "#SBATCH --time=2\n#SBATCH --signal=B:USR1@80\n" in (run_dir / "slurm-job.sh").read_text()
     out = run_dir / f"slurm-{job}.out"
